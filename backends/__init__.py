@@ -1,0 +1,1 @@
+"""Isolation backends shipped with polyshim; third-party ones register through entry points."""

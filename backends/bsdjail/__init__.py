@@ -1,0 +1,1 @@
+"""The bsdjail isolation backend."""

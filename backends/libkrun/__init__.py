@@ -1,0 +1,1 @@
+"""The libkrun isolation backend."""

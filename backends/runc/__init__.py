@@ -1,0 +1,1 @@
+"""The runc isolation backend."""

@@ -1,0 +1,1 @@
+"""polyshim-snapshotd: a proxy snapshotter daemon (overlay, erofs, blockfile)."""

@@ -1,0 +1,1 @@
+"""containerd wire types: our .proto transcriptions and their generated modules."""

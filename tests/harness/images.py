@@ -1,0 +1,387 @@
+"""OCI images built locally (no registry): busybox rootfs, layers and image archives.
+
+Archives are deterministic (fixed mtimes and owners, sorted entries, reproducible gzip), so the
+same inputs always give the same digests.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import stat
+import subprocess
+import tarfile
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    from .containerd import PrivateContainerd
+
+BUSYBOX = Path("/bin/busybox")
+MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+ANNOTATION_IMAGE_NAME = "io.containerd.image.name"
+ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
+FIXED_MTIME = 1_700_000_000  # 2023-11-14; any fixed value keeps digests stable
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+_GOARCH = {
+    "x86_64": "amd64",
+    "amd64": "amd64",
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "armv7l": "arm",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+    "i686": "386",
+}
+
+
+def host_architecture() -> str:
+    """The host's architecture in OCI/Go spelling (amd64, arm64, ...)."""
+    machine = platform.machine()
+    return _GOARCH.get(machine, machine)
+
+
+def host_platform() -> str:
+    """``linux/<arch>`` of this host, as ``ctr --platform`` spells it."""
+    return f"linux/{host_architecture()}"
+
+
+# ---------------------------------------------------------------------- layer entries
+
+
+@attrs.frozen
+class File:
+    """A regular file in a layer."""
+
+    content: bytes
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+
+
+@attrs.frozen
+class Dir:
+    """A directory in a layer."""
+
+    mode: int = 0o755
+    uid: int = 0
+    gid: int = 0
+
+
+@attrs.frozen
+class Symlink:
+    """A symbolic link to ``target``."""
+
+    target: str
+
+
+@attrs.frozen
+class HardLink:
+    """A hard link to ``target``, a path earlier in the same layer."""
+
+    target: str
+
+
+@attrs.frozen
+class Whiteout:
+    """Deletes this path from lower layers (stored as ``.wh.<name>``)."""
+
+
+@attrs.frozen
+class OpaqueWhiteout:
+    """Hides everything lower layers have in this directory (``<dir>/.wh..wh..opq``)."""
+
+
+Entry = File | Dir | Symlink | HardLink | Whiteout | OpaqueWhiteout
+EntryLike = Entry | bytes | str
+
+
+def _norm(path: str) -> str:
+    p = PurePosixPath("/" + path.lstrip("/"))
+    parts = [part for part in p.parts[1:] if part not in ("", ".")]
+    if ".." in parts or not parts:
+        raise ValueError(f"bad layer path {path!r}")
+    return "/".join(parts)
+
+
+def _sort_key(path: str) -> tuple[str, ...]:
+    return tuple(path.split("/"))
+
+
+@attrs.frozen
+class Layer:
+    """One image layer: tar entries keyed by path (no leading slash), in archive order."""
+
+    entries: tuple[tuple[str, Entry], ...]
+
+    @classmethod
+    def from_entries(cls, entries: dict[str, EntryLike]) -> Layer:
+        """A layer from ``{path: entry}``; bytes/str values are files, parents are implied.
+
+        Whiteouts and hard links let tests build multi-layer images that delete or link files.
+        """
+        items: dict[str, Entry] = {}
+        for raw, value in entries.items():
+            path = _norm(raw)
+            entry: Entry
+            if isinstance(value, str):
+                entry = File(value.encode())
+            elif isinstance(value, bytes):
+                entry = File(value)
+            else:
+                entry = value
+            items[path] = entry
+        for path in list(items):
+            parent = PurePosixPath(path).parent
+            while str(parent) not in (".", "/", ""):
+                items.setdefault(str(parent), Dir())
+                parent = parent.parent
+        ordered = sorted(items.items(), key=lambda kv: _sort_key(kv[0]))
+        # A hard link must follow its target in the archive.
+        links = [kv for kv in ordered if isinstance(kv[1], HardLink)]
+        rest = [kv for kv in ordered if not isinstance(kv[1], HardLink)]
+        return cls(tuple(rest + links))
+
+    @classmethod
+    def from_dir(cls, root: Path) -> Layer:
+        """A layer with the contents of directory ``root`` (owners 0:0, modes kept)."""
+        root = Path(root)
+        found: list[tuple[str, Path, os.stat_result]] = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                full = Path(dirpath) / name
+                found.append((full.relative_to(root).as_posix(), full, full.lstat()))
+        found.sort(key=lambda item: _sort_key(item[0]))
+        items: list[tuple[str, Entry]] = []
+        first_path: dict[tuple[int, int], str] = {}
+        for rel, full, st in found:
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISLNK(st.st_mode):
+                items.append((rel, Symlink(os.readlink(full))))
+            elif stat.S_ISDIR(st.st_mode):
+                items.append((rel, Dir(mode)))
+            elif stat.S_ISREG(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and key in first_path:
+                    # Sorted order puts the target first, as a tar hard link needs.
+                    items.append((rel, HardLink(first_path[key])))
+                else:
+                    first_path[key] = rel
+                    items.append((rel, File(full.read_bytes(), mode)))
+            else:
+                raise ValueError(f"{full}: only files, dirs and symlinks go into layers")
+        return cls(tuple(items))
+
+    def tar_bytes(self) -> bytes:
+        """The uncompressed layer tar (its sha256 is the layer's diff_id)."""
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for path, entry in self.entries:
+                info = tarfile.TarInfo(path)
+                info.mtime = FIXED_MTIME
+                info.uname = info.gname = ""
+                data: bytes | None = None
+                match entry:
+                    case File(content=content, mode=mode, uid=uid, gid=gid):
+                        info.type, info.mode, info.uid, info.gid = tarfile.REGTYPE, mode, uid, gid
+                        info.size = len(content)
+                        data = content
+                    case Dir(mode=mode, uid=uid, gid=gid):
+                        info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, mode, uid, gid
+                    case Symlink(target=target):
+                        info.type, info.mode, info.linkname = tarfile.SYMTYPE, 0o777, target
+                    case HardLink(target=target):
+                        info.type, info.mode, info.linkname = tarfile.LNKTYPE, 0o644, _norm(target)
+                    case Whiteout():
+                        p = PurePosixPath(path)
+                        info.name = str(p.with_name(f".wh.{p.name}"))
+                        info.mode = 0o644
+                    case OpaqueWhiteout():
+                        info.name = f"{path}/.wh..wh..opq"
+                        info.mode = 0o644
+                tar.addfile(info, io.BytesIO(data) if data is not None else None)
+        return buf.getvalue()
+
+
+def _gzip(data: bytes) -> bytes:
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=6) as gz:
+        gz.write(data)
+    return buf.getvalue()
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+# ---------------------------------------------------------------------- archives
+
+
+def build_oci_archive(dest: Path, name: str, layers: list[Layer], config: dict[str, Any]) -> Path:
+    """Write an OCI image archive (a tar of an OCI layout) to ``dest`` and return it.
+
+    ``config`` is the OCI image config (``{"config": {"Cmd": [...], ...}, ...}``);
+    ``architecture`` and ``os`` default to the host's, ``rootfs`` is filled from ``layers``.
+    ``name`` (e.g. ``docker.io/library/busybox:latest``) is what ``ctr images import`` names it.
+    """
+    dest = Path(dest)
+    blobs: dict[str, bytes] = {}
+
+    def add_blob(data: bytes) -> str:
+        digest = _sha256(data)
+        blobs[digest] = data
+        return digest
+
+    layer_descs = []
+    diff_ids = []
+    for layer in layers:
+        raw = layer.tar_bytes()
+        diff_ids.append(_sha256(raw))
+        compressed = _gzip(raw)
+        layer_descs.append(
+            {"mediaType": MEDIA_LAYER_GZIP, "digest": add_blob(compressed), "size": len(compressed)}
+        )
+
+    image_config = dict(config)
+    image_config.setdefault("architecture", host_architecture())
+    image_config.setdefault("os", "linux")
+    image_config.setdefault("config", {})
+    image_config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
+    config_bytes = _canonical_json(image_config)
+
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_MANIFEST,
+        "config": {
+            "mediaType": MEDIA_CONFIG,
+            "digest": add_blob(config_bytes),
+            "size": len(config_bytes),
+        },
+        "layers": layer_descs,
+    }
+    manifest_bytes = _canonical_json(manifest)
+    tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else "latest"
+    index = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_INDEX,
+        "manifests": [
+            {
+                "mediaType": MEDIA_MANIFEST,
+                "digest": add_blob(manifest_bytes),
+                "size": len(manifest_bytes),
+                "platform": {
+                    "architecture": image_config["architecture"],
+                    "os": image_config["os"],
+                },
+                "annotations": {ANNOTATION_IMAGE_NAME: name, ANNOTATION_REF_NAME: tag},
+            }
+        ],
+    }
+
+    files: list[tuple[str, bytes]] = [
+        ("oci-layout", _canonical_json({"imageLayoutVersion": "1.0.0"})),
+        ("index.json", _canonical_json(index)),
+    ]
+    files += [(f"blobs/sha256/{d.split(':', 1)[1]}", data) for d, data in sorted(blobs.items())]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for dirname in ("blobs", "blobs/sha256"):
+            info = tarfile.TarInfo(dirname)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, FIXED_MTIME
+            tar.addfile(info)
+        for path, data in files:
+            info = tarfile.TarInfo(path)
+            info.size, info.mode, info.mtime = len(data), 0o644, FIXED_MTIME
+            tar.addfile(info, io.BytesIO(data))
+    tmp.replace(dest)
+    return dest
+
+
+# ---------------------------------------------------------------------- busybox
+
+
+def busybox_rootfs(dest: Path) -> Path:
+    """A minimal rootfs at ``dest``: static busybox, an applet symlink each, /etc basics."""
+    dest = Path(dest)
+    if not BUSYBOX.exists():
+        raise FileNotFoundError(
+            f"{BUSYBOX} missing: apt-get install busybox-static (scripts/setup)"
+        )
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "proc", "sys", "dev", "run"):
+        (dest / d).mkdir(parents=True, exist_ok=True)
+    (dest / "tmp").mkdir(exist_ok=True)
+    (dest / "tmp").chmod(0o1777)
+    shutil.copyfile(BUSYBOX, dest / "bin" / "busybox")
+    (dest / "bin" / "busybox").chmod(0o755)
+    applets = subprocess.run(
+        [str(BUSYBOX), "--list-full"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    for applet in applets:
+        rel = PurePosixPath(applet)
+        if rel.name in ("busybox", "linuxrc") or len(rel.parts) < 2:
+            continue
+        link = dest / rel
+        if link.is_symlink() or link.exists():
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to("/bin/busybox")
+    (dest / "etc" / "passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+    )
+    (dest / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    return dest
+
+
+def busybox_config() -> dict[str, Any]:
+    """The image config of the busybox image: ``sh`` with a standard PATH."""
+    return {
+        "architecture": host_architecture(),
+        "os": "linux",
+        "config": {"Entrypoint": [], "Cmd": ["sh"], "Env": [f"PATH={DEFAULT_PATH}"]},
+    }
+
+
+def busybox_image(dest_dir: Path, name: str = "docker.io/library/busybox:latest") -> Path:
+    """Build the busybox image archive in ``dest_dir`` and return its path."""
+    dest_dir = Path(dest_dir)
+    rootfs = busybox_rootfs(dest_dir / "busybox-rootfs")
+    safe = name.replace("/", "_").replace(":", "_")
+    return build_oci_archive(
+        dest_dir / f"{safe}.oci.tar", name, [Layer.from_dir(rootfs)], busybox_config()
+    )
+
+
+def image_name(archive: Path) -> str:
+    """The ``io.containerd.image.name`` of the (first) image in an OCI archive."""
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("index.json")
+        assert member is not None
+        index = json.load(member)
+    return index["manifests"][0]["annotations"][ANNOTATION_IMAGE_NAME]
+
+
+def import_image(ctrd: PrivateContainerd, archive: Path) -> str:
+    """``ctr images import`` the archive into ``ctrd`` (unpacked) and return the image name."""
+    name = image_name(archive)
+    ctrd.ctr("images", "import", "--platform", host_platform(), str(archive), timeout=120)
+    listed = ctrd.ctr("images", "ls", "-q").stdout.split()
+    if name not in listed:
+        raise RuntimeError(f"imported {archive} but {name!r} is not in `ctr images ls`: {listed}")
+    return name
