@@ -137,19 +137,29 @@ class Server:
         with self._lock:
             return len(self._connections)
 
-    def shutdown(self) -> None:
-        """Stop accepting, close every connection; calls in flight see `ctx.done`."""
+    def shutdown(self, grace: float = 0.0) -> None:
+        """Stop accepting; give calls in flight up to *grace* seconds to answer; then close
+        every connection (calls still running see `ctx.done`)."""
         self._stopping.set()
         with self._lock:
             listeners, self._listeners = self._listeners, []
-            connections = list(self._connections)
         for listener in listeners:
             with contextlib.suppress(OSError):
                 listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() on Linux
             listener.close()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and self._calls_in_flight():
+            time.sleep(0.01)
+        with self._lock:
+            connections = list(self._connections)
         for conn in connections:
             conn.close()
         self._deadlines.stop()
+
+    def _calls_in_flight(self) -> int:
+        with self._lock:
+            connections = list(self._connections)
+        return sum(conn.calls_in_flight() for conn in connections)
 
     def _forget(self, conn: _ServerConnection) -> None:
         with self._lock:
@@ -262,30 +272,42 @@ class _ServerConnection:
         self._answer(request.stream_id, Code.OK, "", payload)
 
     def _answer(self, stream_id: int, code: Code, message: str, payload: bytes = b"") -> None:
-        """Send the one response a call gets; later attempts (deadline vs result) are dropped."""
+        """Send the one response a call gets; later attempts (deadline vs result) are dropped.
+
+        The call stays in flight until its bytes are written, so a graceful shutdown
+        that waits for calls in flight never cuts a reply short."""
         with self._write_lock:
-            ctx = self._pending.pop(stream_id, None)
-        if ctx is None:
-            return
-        ctx.done.set()
-        try:
-            self._send(codec.Response(stream_id, payload, code, message))
-        except codec.LocalProtocolError as e:  # e.g. a response over 4 MiB
-            self._send(codec.Response(stream_id, code=Code.RESOURCE_EXHAUSTED, message=str(e)))
+            ctx = self._pending.get(stream_id)
+            if ctx is None:
+                return
+            ctx.done.set()
+            try:
+                self._send_locked(codec.Response(stream_id, payload, code, message))
+            except codec.LocalProtocolError as e:  # e.g. a response over 4 MiB
+                too_big = codec.Response(stream_id, code=Code.RESOURCE_EXHAUSTED, message=str(e))
+                self._send_locked(too_big)
+            del self._pending[stream_id]
+
+    def calls_in_flight(self) -> int:
+        with self._write_lock:
+            return len(self._pending)
 
     def expire(self, stream_id: int) -> None:
         self._answer(stream_id, Code.DEADLINE_EXCEEDED, "context deadline exceeded")
 
     def _send(self, response: codec.Response) -> None:
         with self._write_lock:
-            if self._closed:
-                return
-            with self._codec_lock:
-                data = self._codec.send(response)
-            try:
-                self._sock.sendall(data)
-            except OSError as e:
-                log.debug("ttrpc: dropping response to a closed connection: %s", e)
+            self._send_locked(response)
+
+    def _send_locked(self, response: codec.Response) -> None:
+        if self._closed:
+            return
+        with self._codec_lock:
+            data = self._codec.send(response)
+        try:
+            self._sock.sendall(data)
+        except OSError as e:
+            log.debug("ttrpc: dropping response to a closed connection: %s", e)
 
     def close(self) -> None:
         with self._write_lock:

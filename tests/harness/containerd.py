@@ -425,7 +425,8 @@ disabled_plugins = [{disabled}]
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if len(argv) >= 2 and b"containerd-shim" in argv[0] and needle in argv:
+            # A Go shim is argv[0]; a Python one (polyshim) runs as `python <script> ...`.
+            if needle in argv and any(b"containerd-shim" in a for a in argv[:2]):
                 pids.append(int(entry.name))
         return pids
 

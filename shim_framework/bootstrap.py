@@ -1,0 +1,293 @@
+"""How containerd runs the shim binary: flags, and the `start` and `delete` actions.
+
+containerd runs `containerd-shim-polyshim-v2` with Go-style flags
+(`-namespace NS -address A -publish-binary B -id ID [-bundle B] [-debug]`)
+and an action word:
+
+- `start` (cwd = the bundle): make sure a shim server listens for this task,
+  print its `unix://` address and exit. Tasks of one pod (same
+  `io.kubernetes.cri.sandbox-id`, or a group label) share one server: the
+  socket path is derived from containerd's address, the namespace and the
+  group, so the second `start` finds the first server and prints its address.
+  Otherwise `start` binds and listens (containerd dials once, at once), forks
+  the server, and returns; the server holds none of `start`'s stdio, which
+  containerd reads until every holder closes it.
+- `delete` (after every task deletion, and after a shim died): clean up what
+  the task left, print a `DeleteResponse`, within containerd's 5 s.
+
+This module is on the start path of every container, so it imports only
+what `start` needs; the server's modules load in the forked child.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+RUNTIME = "io.containerd.polyshim.v2"
+SOCKET_DIR = "/run/containerd/s"
+SUN_PATH_MAX = 106  # what the Go shim library allows; sun_path is 108 bytes with the NUL
+GROUP_ANNOTATIONS = (
+    "io.polyshim.group",
+    "io.containerd.runc.v2.group",
+    "io.kubernetes.cri.sandbox-id",
+)
+
+
+class Flags:
+    """The command line. A plain class: attrs costs the start path ~25 ms of imports."""
+
+    __slots__ = ("action", "address", "bundle", "debug", "id", "info", "namespace",
+                 "publish_binary", "socket", "version")  # fmt: skip
+
+    def __init__(
+        self,
+        namespace: str = "",
+        address: str = "",  # containerd's gRPC socket path
+        publish_binary: str = "",
+        id: str = "",
+        bundle: str = "",
+        debug: bool = False,
+        socket: str = "",
+        version: bool = False,
+        info: bool = False,
+        action: str = "",
+    ) -> None:
+        self.namespace, self.address, self.publish_binary = namespace, address, publish_binary
+        self.id, self.bundle, self.debug, self.socket = id, bundle, debug, socket
+        self.version, self.info, self.action = version, info, action
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Flags) and all(
+            getattr(self, k) == getattr(other, k) for k in self.__slots__
+        )
+
+    def __repr__(self) -> str:
+        return "Flags(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
+
+
+_VALUE_FLAGS = {
+    "namespace": "namespace",
+    "address": "address",
+    "publish-binary": "publish_binary",
+    "id": "id",
+    "bundle": "bundle",
+    "socket": "socket",
+    "debug-socket": None,  # 2.x defines it; we have nothing to serve there
+}
+_BOOL_FLAGS = {"debug": "debug", "v": "version", "version": "version", "info": "info"}
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_flags(argv: list[str]) -> Flags:
+    """Go `flag` rules: -name value, -name=value, --name; the first non-flag is the action."""
+    values: dict[str, object] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":  # end of flags
+            values["action"] = argv[i + 1] if i + 1 < len(argv) else ""
+            break
+        if not arg.startswith("-") or arg == "-":
+            values["action"] = arg
+            break
+        name, eq, inline = arg.lstrip("-").partition("=")
+        if name in _BOOL_FLAGS:
+            values[_BOOL_FLAGS[name]] = inline.lower() not in ("false", "0") if eq else True
+        elif name in _VALUE_FLAGS:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise UsageError(f"flag needs an argument: -{name}")
+                inline = argv[i]
+            if _VALUE_FLAGS[name]:
+                values[_VALUE_FLAGS[name]] = inline
+        else:
+            raise UsageError(f"flag provided but not defined: -{name}")
+        i += 1
+    return Flags(**values)  # type: ignore[arg-type]
+
+
+# -- start --------------------------------------------------------------------------------
+
+
+def group_id(bundle: Path, task_id: str) -> str:
+    """The shim group of this task: a pod's sandbox id, a group label, else the task itself."""
+    try:
+        spec = json.loads((bundle / "config.json").read_text())
+        annotations = spec.get("annotations") or {}
+    except (OSError, ValueError, AttributeError):
+        return task_id
+    for key in GROUP_ANNOTATIONS:
+        if value := annotations.get(key):
+            return str(value)
+    return task_id
+
+
+def socket_path(address: str, namespace: str, group: str, socket_dir: str = SOCKET_DIR) -> str:
+    """Where the group's server listens. Like the Go shim library's scheme, hashed from
+    containerd's address (two daemons on one host stay apart), namespace and group; with
+    "polyshim" in the hash so we never meet a runc shim of the same pod at its socket."""
+    digest = hashlib.sha256("/".join((address, namespace, "polyshim", group)).encode())
+    path = os.path.join(socket_dir, digest.hexdigest())
+    if len(path) > SUN_PATH_MAX:
+        raise UsageError(f"socket path {path} is longer than {SUN_PATH_MAX} bytes")
+    return path
+
+
+def start(flags: Flags, stdin: bytes, serve: object) -> str:
+    """The `start` action: return the address to print; fork the server when needed.
+
+    *serve* is called in the forked child with (flags, listener) and must not return.
+    """
+    bundle = Path.cwd()
+    socket_dir = _bootstrap_socket_dir(stdin, flags) or SOCKET_DIR
+    path = socket_path(flags.address, flags.namespace, group_id(bundle, flags.id), socket_dir)
+    address = "unix://" + path
+    if not _serving(path):
+        listener = _listen(path)
+        pid = os.fork()
+        if pid == 0:
+            _become_daemon()
+            try:
+                serve(flags, listener)  # type: ignore[operator]
+            finally:
+                os._exit(1)
+        listener.close()
+    (bundle / "address").write_text(address)  # containerd 1.6/1.7 read it after a restart
+    return address
+
+
+def _serving(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _listen(path: str) -> socket.socket:
+    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+    try:
+        os.unlink(path)  # a stale socket: nobody accepted on it
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket is born 0600
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old_umask)
+    listener.listen(128)
+    return listener
+
+
+def _become_daemon() -> None:
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _bootstrap_socket_dir(stdin: bytes, flags: Flags) -> str | None:
+    """containerd 2.3+ sends BootstrapParams on stdin; honour its socket_dir."""
+    if not stdin:
+        return None
+    from google.protobuf.message import DecodeError
+
+    from shim_framework.api.runtime.bootstrap.v1 import bootstrap_pb2
+
+    try:
+        params = bootstrap_pb2.BootstrapParams.FromString(stdin)
+    except DecodeError:
+        return None
+    # An options Any also parses as BootstrapParams; only a matching id and namespace
+    # tell the 2.3 form apart (spec 2.4.1).
+    if params.instance_id != flags.id or params.namespace != flags.namespace:
+        return None
+    return params.socket_dir if params.HasField("socket_dir") else None
+
+
+# -- the bundle's state file --------------------------------------------------------------
+
+STATE_FILE = "polyshim.json"  # what the `delete` action needs after the shim is gone
+
+
+def write_state(bundle: Path, state: dict) -> None:
+    tmp = bundle / f".{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state))
+    tmp.replace(bundle / STATE_FILE)
+
+
+def read_state(bundle: Path) -> dict | None:
+    try:
+        state = json.loads((bundle / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+# -- delete --------------------------------------------------------------------------------
+
+
+def delete(flags: Flags) -> bytes:
+    """The `delete` action: clean up after the task and return a serialized DeleteResponse.
+
+    containerd runs it after every task deletion, with a 5 s limit. When the shim
+    deleted the task itself (the usual case) there is nothing left to do, so that path
+    imports almost nothing."""
+    bundle = Path(flags.bundle or os.getcwd())
+    state = read_state(bundle) or {}
+    if state and not state.get("deleted"):
+        _backend_cleanup(bundle, flags, state)
+    rootfs = str(bundle / "rootfs")
+    if _mounted_at_or_below(rootfs):
+        from shim_framework import mounts
+
+        mounts.unmount_all(Path(rootfs))
+    return _delete_response(int(state.get("pid") or 0), 128 + 9, time.time_ns())
+
+
+def _backend_cleanup(bundle: Path, flags: Flags, state: dict) -> None:
+    from shim_framework.config import from_dict
+    from shim_framework.registry import Registry
+
+    name = state.get("backend", "")
+    try:
+        config = from_dict(state.get("config") or {}, source=str(bundle))
+        Registry().load(name).cleanup(
+            bundle, flags.id, flags.namespace, config.backend_config(name)
+        )
+    except Exception as e:  # clean up what we can; containerd logs our stderr
+        print(f"polyshim delete: backend {name} cleanup of {flags.id}: {e}", file=sys.stderr)
+
+
+def _mounted_at_or_below(path: str) -> bool:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return any(
+                (point := line.split(" ", 5)[4]) == path or point.startswith(path + "/")
+                for line in f
+            )
+    except OSError:
+        return True  # cannot tell: let unmount_all look
+
+
+def _delete_response(pid: int, exit_status: int, exited_at_ns: int) -> bytes:
+    from shim_framework.api.task.v2 import shim_pb2
+
+    response = shim_pb2.DeleteResponse(pid=pid, exit_status=exit_status)
+    response.exited_at.FromNanoseconds(exited_at_ns)
+    return response.SerializeToString()

@@ -1,0 +1,60 @@
+"""How the shim binary reads containerd's command line and names its socket."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from shim_framework import bootstrap
+from shim_framework.bootstrap import Flags, UsageError, parse_flags
+
+
+def test_start_command_line_as_containerd_sends_it() -> None:
+    argv = ["-namespace", "k8s.io", "-address", "/run/c.sock", "-publish-binary",
+            "/usr/bin/containerd", "-id", "c1", "-debug", "start"]  # fmt: skip
+    assert parse_flags(argv) == Flags(
+        namespace="k8s.io", address="/run/c.sock", publish_binary="/usr/bin/containerd",
+        id="c1", debug=True, action="start",
+    )  # fmt: skip
+
+
+def test_delete_with_bundle_and_go_flag_forms() -> None:
+    flags = parse_flags(["--namespace=default", "-id", "c2", "-bundle", "/b", "delete", "x"])
+    assert (flags.namespace, flags.id, flags.bundle, flags.action) == (
+        "default",
+        "c2",
+        "/b",
+        "delete",
+    )
+
+
+def test_version_and_info_flags() -> None:
+    assert parse_flags(["-v"]).version and parse_flags(["-info"]).info
+
+
+@pytest.mark.parametrize("argv", [["-id"], ["-frobnicate", "start"]])
+def test_bad_flags_are_usage_errors(argv: list[str]) -> None:
+    with pytest.raises(UsageError):
+        parse_flags(argv)
+
+
+def test_group_comes_from_pod_annotations(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(
+        json.dumps({"annotations": {"io.kubernetes.cri.sandbox-id": "pod-1"}})
+    )
+    assert bootstrap.group_id(tmp_path, "c1") == "pod-1"
+    (tmp_path / "config.json").write_text("{broken")
+    assert bootstrap.group_id(tmp_path, "c1") == "c1"
+
+
+def test_socket_path_separates_daemons_namespaces_and_groups() -> None:
+    paths = {
+        bootstrap.socket_path(address, ns, group)
+        for address in ("/run/a.sock", "/run/b.sock")
+        for ns in ("default", "k8s.io")
+        for group in ("g1", "g2")
+    }
+    assert len(paths) == 8
+    assert all(p.startswith("/run/containerd/s/") and len(p) <= 106 for p in paths)
