@@ -21,13 +21,10 @@ what `start` needs; the server's modules load in the forked child.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import _socket  # the C module: `import socket` costs every start ~10 ms of wrappers
 import os
-import socket
 import sys
 import time
-from pathlib import Path
 
 RUNTIME = "io.containerd.polyshim.v2"
 SOCKET_DIR = "/run/containerd/s"
@@ -119,12 +116,20 @@ def parse_flags(argv: list[str]) -> Flags:
 # -- start --------------------------------------------------------------------------------
 
 
-def group_id(bundle: Path, task_id: str) -> str:
+def group_id(bundle: str, task_id: str) -> str:
     """The shim group of this task: a pod's sandbox id, a group label, else the task itself."""
     try:
-        spec = json.loads((bundle / "config.json").read_text())
-        annotations = spec.get("annotations") or {}
-    except (OSError, ValueError, AttributeError):
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            raw = f.read()
+    except OSError:
+        return task_id
+    if not any(key.encode() in raw for key in GROUP_ANNOTATIONS):
+        return task_id  # most containers: no need to pay for `import json`
+    import json
+
+    try:
+        annotations = json.loads(raw).get("annotations") or {}
+    except (ValueError, AttributeError):
         return task_id
     for key in GROUP_ANNOTATIONS:
         if value := annotations.get(key):
@@ -136,6 +141,8 @@ def socket_path(address: str, namespace: str, group: str, socket_dir: str = SOCK
     """Where the group's server listens. Like the Go shim library's scheme, hashed from
     containerd's address (two daemons on one host stay apart), namespace and group; with
     "polyshim" in the hash so we never meet a runc shim of the same pod at its socket."""
+    import hashlib
+
     digest = hashlib.sha256("/".join((address, namespace, "polyshim", group)).encode())
     path = os.path.join(socket_dir, digest.hexdigest())
     if len(path) > SUN_PATH_MAX:
@@ -143,31 +150,51 @@ def socket_path(address: str, namespace: str, group: str, socket_dir: str = SOCK
     return path
 
 
-def start(flags: Flags, stdin: bytes, serve: object) -> str:
+def start(flags: Flags, argv: list[str], stdin: bytes, serve: object) -> str:
     """The `start` action: return the address to print; fork the server when needed.
 
     *serve* is called in the forked child with (flags, listener) and must not return.
     """
-    bundle = Path.cwd()
+    bundle = os.getcwd()
     socket_dir = _bootstrap_socket_dir(stdin, flags) or SOCKET_DIR
     path = socket_path(flags.address, flags.namespace, group_id(bundle, flags.id), socket_dir)
     address = "unix://" + path
     if not _serving(path):
         listener = _listen(path)
-        pid = os.fork()
-        if pid == 0:
-            _become_daemon()
-            try:
-                serve(flags, listener)  # type: ignore[operator]
-            finally:
-                os._exit(1)
+        _launch_server(flags, argv, listener, socket_dir, serve)
         listener.close()
-    (bundle / "address").write_text(address)  # containerd 1.6/1.7 read it after a restart
+    with open(os.path.join(bundle, "address"), "w") as f:  # 1.6/1.7 read it after a restart
+        f.write(address)
     return address
 
 
+def _launch_server(
+    flags: Flags, argv: list[str], listener: _socket.socket, socket_dir: str, serve: object
+) -> None:
+    """A warm template forks the server when one runs; otherwise fork it from here, and
+    leave a template behind for the next container (see template.py)."""
+    from shim_framework import template
+
+    if template.request_server(listener, argv, socket_dir) is not None:
+        return
+    pid = os.fork()
+    if pid == 0:
+        _become_daemon()
+        try:
+            import socket
+
+            serve(flags, socket.socket(fileno=listener.detach()))  # type: ignore[operator]
+        finally:
+            os._exit(1)
+    template.spawn(socket_dir)
+
+
+def unix_socket() -> _socket.socket:
+    return _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+
+
 def _serving(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe = unix_socket()
     try:
         probe.connect(path)
         return True
@@ -177,13 +204,13 @@ def _serving(path: str) -> bool:
         probe.close()
 
 
-def _listen(path: str) -> socket.socket:
+def _listen(path: str) -> _socket.socket:
     os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
     try:
         os.unlink(path)  # a stale socket: nobody accepted on it
     except FileNotFoundError:
         pass
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener = unix_socket()
     old_umask = os.umask(0o177)  # the socket is born 0600
     try:
         listener.bind(path)
@@ -225,15 +252,21 @@ def _bootstrap_socket_dir(stdin: bytes, flags: Flags) -> str | None:
 STATE_FILE = "polyshim.json"  # what the `delete` action needs after the shim is gone
 
 
-def write_state(bundle: Path, state: dict) -> None:
-    tmp = bundle / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state))
-    tmp.replace(bundle / STATE_FILE)
+def write_state(bundle: str, state: dict) -> None:
+    import json
+
+    path = os.path.join(bundle, STATE_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(state, f)
+    os.replace(path + ".tmp", path)
 
 
-def read_state(bundle: Path) -> dict | None:
+def read_state(bundle: str) -> dict | None:
+    import json
+
     try:
-        state = json.loads((bundle / STATE_FILE).read_text())
+        with open(os.path.join(bundle, STATE_FILE)) as f:
+            state = json.load(f)
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) else None
@@ -245,30 +278,34 @@ def read_state(bundle: Path) -> dict | None:
 def delete(flags: Flags) -> bytes:
     """The `delete` action: clean up after the task and return a serialized DeleteResponse.
 
-    containerd runs it after every task deletion, with a 5 s limit. When the shim
-    deleted the task itself (the usual case) there is nothing left to do, so that path
-    imports almost nothing."""
-    bundle = Path(flags.bundle or os.getcwd())
+    containerd runs it after every task deletion, with a 5 s limit, and waits for it
+    before `ctr run --rm` returns. When the shim deleted the task itself (the usual
+    case) nothing is left to do, so that path imports nothing heavy, not even protobuf."""
+    bundle = flags.bundle or os.getcwd()
     state = read_state(bundle) or {}
     if state and not state.get("deleted"):
         _backend_cleanup(bundle, flags, state)
-    rootfs = str(bundle / "rootfs")
+    rootfs = os.path.join(bundle, "rootfs")
     if _mounted_at_or_below(rootfs):
+        from pathlib import Path
+
         from shim_framework import mounts
 
         mounts.unmount_all(Path(rootfs))
-    return _delete_response(int(state.get("pid") or 0), 128 + 9, time.time_ns())
+    return delete_response(int(state.get("pid") or 0), 128 + 9, time.time_ns())
 
 
-def _backend_cleanup(bundle: Path, flags: Flags, state: dict) -> None:
+def _backend_cleanup(bundle: str, flags: Flags, state: dict) -> None:
+    from pathlib import Path
+
     from shim_framework.config import from_dict
     from shim_framework.registry import Registry
 
     name = state.get("backend", "")
     try:
-        config = from_dict(state.get("config") or {}, source=str(bundle))
+        config = from_dict(state.get("config") or {}, source=bundle)
         Registry().load(name).cleanup(
-            bundle, flags.id, flags.namespace, config.backend_config(name)
+            Path(bundle), flags.id, flags.namespace, config.backend_config(name)
         )
     except Exception as e:  # clean up what we can; containerd logs our stderr
         print(f"polyshim delete: backend {name} cleanup of {flags.id}: {e}", file=sys.stderr)
@@ -285,9 +322,32 @@ def _mounted_at_or_below(path: str) -> bool:
         return True  # cannot tell: let unmount_all look
 
 
-def _delete_response(pid: int, exit_status: int, exited_at_ns: int) -> bytes:
-    from shim_framework.api.task.v2 import shim_pb2
+def delete_response(pid: int, exit_status: int, exited_at_ns: int) -> bytes:
+    """`containerd.task.v2.DeleteResponse{1 pid, 2 exit_status, 3 exited_at}`, encoded by
+    hand: importing protobuf would cost this per-container process ~40 ms.
+    tests/test_bootstrap.py checks the bytes against the generated class."""
+    seconds, nanos = divmod(exited_at_ns, 1_000_000_000)
+    stamp = _field_varint(1, seconds) + _field_varint(2, nanos)
+    return (
+        _field_varint(1, pid)
+        + _field_varint(2, exit_status)
+        + _key(3, 2) + _varint(len(stamp)) + stamp
+    )  # fmt: skip
 
-    response = shim_pb2.DeleteResponse(pid=pid, exit_status=exit_status)
-    response.exited_at.FromNanoseconds(exited_at_ns)
-    return response.SerializeToString()
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative int64 is two's complement on the wire
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _key(field: int, wire_type: int) -> bytes:
+    return _varint(field << 3 | wire_type)
+
+
+def _field_varint(field: int, value: int) -> bytes:
+    return _key(field, 0) + _varint(value) if value else b""  # proto3: zero is not sent

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if flags.action == "start":
-            address = bootstrap.start(flags, _read_stdin(), _serve)
+            address = bootstrap.start(flags, argv, _read_stdin(), _serve)
             sys.stdout.write(address)
             sys.stdout.flush()
             return 0

@@ -69,7 +69,7 @@ def serve(flags: Flags, listener: socket.socket) -> None:
     server.shutdown(grace=SHUTDOWN_GRACE)
     publisher.close(timeout=5)
     reaper.stop()
-    service.oom.close()
+    service.close()
     try:
         os.unlink(path)
     except OSError:

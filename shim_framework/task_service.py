@@ -39,12 +39,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 
-from shim_framework import bootstrap, cgroups, mounts, selection
+from shim_framework import bootstrap, mounts, selection
 from shim_framework import config as runtime_config
 from shim_framework.api.events import task_pb2 as events
 from shim_framework.api.runc.options import oci_pb2
@@ -61,12 +61,15 @@ from shim_framework.errors import (
 )
 from shim_framework.events import Publisher
 from shim_framework.host import Host
-from shim_framework.oom import OomWatcher
 from shim_framework.process import Process, Status
 from shim_framework.reaper import Exit, Reaper
 from shim_framework.registry import Registry
 from shim_framework.stdio import ProcessStdio
 from shim_framework.ttrpc.server import CallContext
+
+if TYPE_CHECKING:
+    from shim_framework.cgroups import Cgroup
+    from shim_framework.oom import OomWatcher
 
 log = logging.getLogger("polyshim.task")
 
@@ -117,7 +120,7 @@ class TaskService:
         publisher: Publisher,
         reaper: Reaper,
         registry: Registry | None = None,
-        oom: OomWatcher | None = None,
+        oom: OomWatcher | None = None,  # default: made on the first watch
         state_dir: Path | None = None,
         on_shutdown: Callable[[], None] | None = None,
     ) -> None:
@@ -125,7 +128,7 @@ class TaskService:
         self.publisher = publisher
         self.reaper = reaper
         self.registry = registry or Registry()
-        self.oom = oom or OomWatcher(self._on_oom)
+        self._oom = oom
         self.state_dir = state_dir or Path("/run/polyshim")
         self.on_shutdown = on_shutdown
         self._lock = threading.Lock()
@@ -134,7 +137,7 @@ class TaskService:
         self._by_pid: dict[int, Process] = {}
         self._unclaimed: collections.OrderedDict[int, Exit] = collections.OrderedDict()
         self._backends: dict[tuple[str, str], Backend] = {}
-        self._shim_cgroup: cgroups.Cgroup | None = None
+        self._shim_cgroup: Cgroup | None = None
 
     # -- lookups --------------------------------------------------------------
 
@@ -174,6 +177,7 @@ class TaskService:
                 self._creating.discard(req.id)
 
     def _create(self, req: api.CreateTaskRequest) -> Any:
+        began = time.monotonic()
         bundle = Path(req.bundle)
         spec = read_spec(bundle)
         options = req.options if req.HasField("options") else None
@@ -217,6 +221,7 @@ class TaskService:
                 parent_checkpoint=req.parent_checkpoint,
             )
             launched_at = time.time()
+            prepared = time.monotonic()
             created = backend.create(container)
             if created.console_fd is not None:
                 stdio.attach_console(created.console_fd)
@@ -226,14 +231,18 @@ class TaskService:
             if mounted:
                 mounts.unmount_all(rootfs)
             raise
-        log.info("created task %s with backend %s (%s)", req.id, choice.name, choice.rule)
+        log.info(
+            "created task %s with backend %s (%s) in %.0f ms, %.0f ms of them in the backend",
+            req.id, choice.name, choice.rule, (time.monotonic() - began) * 1000,
+            (time.monotonic() - prepared) * 1000,
+        )  # fmt: skip
         init = Process(req.id, "", stdio, pid=created.pid)
         task = Task(req.id, bundle, spec, backend, init, rootfs, mounted)
         with self._lock:
             self._tasks[req.id] = task
         self._claim(init, launched_at)
         state = {"backend": choice.name, "config": config.to_dict(), "pid": created.pid}
-        bootstrap.write_state(bundle, state)
+        bootstrap.write_state(str(bundle), state)
         self.publisher.publish(
             events.TaskCreate(
                 container_id=req.id,
@@ -516,10 +525,12 @@ class TaskService:
             processes = [task.init, *task.execs.values()]
         return [p.pid for p in processes if p.pid and not p.exited.is_set()]
 
-    def _container_cgroup(self, task: Task) -> cgroups.Cgroup | None:
+    def _container_cgroup(self, task: Task) -> Cgroup | None:
         """The init's cgroup when it is the container's own (not the shim's)."""
         if not task.init.pid or task.init.exited.is_set():
             return None
+        from shim_framework import cgroups  # Stats and OOM only: not on the create path
+
         try:
             cgroup = cgroups.Cgroup.of_pid(task.init.pid)
         except NotFound:
@@ -567,7 +578,8 @@ class TaskService:
         for process in [*execs, init]:
             process.stdio.wait_drained(DRAIN_TIMEOUT)
             process.stdio.close()
-        self.oom.unwatch(task.id)
+        if self._oom is not None:
+            self._oom.unwatch(task.id)
         if task.mounted:
             mounts.unmount_all(task.rootfs)
         mark_deleted(task.bundle)
@@ -705,13 +717,32 @@ class TaskService:
     # -- OOM ------------------------------------------------------------------------------------
 
     def _watch_oom(self, task: Task) -> None:
-        cgroup = self._container_cgroup(task)
-        if cgroup is None:
-            return
-        try:
-            self.oom.watch(task.id, cgroup)
-        except (OSError, PolyshimError) as e:
-            log.warning("task %s: OOM events unavailable: %s", task.id, e)
+        """Watch the container's cgroup for OOM kills, off the Start call's critical path."""
+
+        def watch() -> None:
+            cgroup = self._container_cgroup(task)
+            if cgroup is None:
+                return
+            try:
+                self.oom.watch(task.id, cgroup)
+            except (OSError, PolyshimError) as e:
+                log.warning("task %s: OOM events unavailable: %s", task.id, e)
+
+        threading.Thread(target=watch, name=f"oom-watch {task.id}", daemon=True).start()
+
+    @property
+    def oom(self) -> OomWatcher:
+        with self._lock:
+            if self._oom is None:
+                from shim_framework.oom import OomWatcher
+
+                self._oom = OomWatcher(self._on_oom)
+            return self._oom
+
+    def close(self) -> None:
+        """Stop background watchers (the shim is exiting)."""
+        if self._oom is not None:
+            self._oom.close()
 
     def _on_oom(self, container_id: str) -> None:
         self.publisher.publish(events.TaskOOM(container_id=container_id))
@@ -781,11 +812,11 @@ def decode_json_any(value: any_pb2.Any, what: str) -> dict[str, Any]:
 
 def mark_deleted(bundle: Path) -> None:
     """Tell the `delete` action that containerd runs next: nothing is left to clean."""
-    state = bootstrap.read_state(bundle)
+    state = bootstrap.read_state(str(bundle))
     if state is None:
         return
     state["deleted"] = True
     try:
-        bootstrap.write_state(bundle, state)
+        bootstrap.write_state(str(bundle), state)
     except OSError as e:
         log.debug("bundle %s: cannot mark deleted: %s", bundle, e)

@@ -44,9 +44,25 @@ def test_group_comes_from_pod_annotations(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(
         json.dumps({"annotations": {"io.kubernetes.cri.sandbox-id": "pod-1"}})
     )
-    assert bootstrap.group_id(tmp_path, "c1") == "pod-1"
-    (tmp_path / "config.json").write_text("{broken")
-    assert bootstrap.group_id(tmp_path, "c1") == "c1"
+    assert bootstrap.group_id(str(tmp_path), "c1") == "pod-1"
+    (tmp_path / "config.json").write_text('{"io.kubernetes.cri.sandbox-id": broken')
+    assert bootstrap.group_id(str(tmp_path), "c1") == "c1"
+    (tmp_path / "config.json").write_text('{"annotations": {}}')
+    assert bootstrap.group_id(str(tmp_path), "c1") == "c1"
+
+
+@pytest.mark.parametrize(
+    ("pid", "status", "ns"), [(0, 0, 0), (4242, 137, 1_700_000_000_123_456_789), (1, 3, -1)]
+)
+def test_delete_response_bytes_match_the_generated_message(pid: int, status: int, ns: int):
+    """The hand-encoded DeleteResponse of the `delete` action decodes like containerd's."""
+    from shim_framework.api.task.v2 import shim_pb2
+
+    expected = shim_pb2.DeleteResponse(pid=pid, exit_status=status)
+    expected.exited_at.FromNanoseconds(ns)
+    got = bootstrap.delete_response(pid, status, ns)
+    assert got == expected.SerializeToString()
+    assert shim_pb2.DeleteResponse.FromString(got) == expected
 
 
 def test_socket_path_separates_daemons_namespaces_and_groups() -> None:

@@ -200,3 +200,16 @@ def test_unknown_option_types_are_accepted(tmp_path: Path) -> None:
         any_pb2.Any(type_url="example.com/Other", value=b"\x08\x01"), defaults_path=tmp_path / "x"
     )
     assert cfg.default_backend == "runc"
+
+
+def test_registry_finds_what_importlib_metadata_finds() -> None:
+    """Our light entry-point scan agrees with the standard library on this environment."""
+    import importlib.metadata
+
+    from shim_framework.registry import GROUP, installed_entries
+
+    for group in (GROUP, "console_scripts"):
+        ours = {name: e.target for name, e in installed_entries(group).items()}
+        stdlib = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=group)}
+        assert ours == stdlib
+    assert "runc" in installed_entries(GROUP)

@@ -5,6 +5,7 @@ the same core runs on both (as containerd splits `shim_linux.go` from
 `shim_freebsd.go`). The API:
 
 - `set_child_subreaper()`: orphaned descendants are re-parented to us;
+- `set_cmdline(args)`: what `ps` shows for this process;
 - `mount(source, target, fstype, flags, data, cwd=None)`, `unmount(target, flags=0)`,
   the flag constants `MS_*` and `MNT_DETACH`, and `mount_points()`;
 - `attach_loop(path, readonly, direct_io=False, autoclear=True)`, a context
@@ -47,6 +48,7 @@ if sys.platform.startswith("linux"):
         mount,
         mount_points,
         set_child_subreaper,
+        set_cmdline,
         unmount,
     )
 elif sys.platform.startswith("freebsd"):
@@ -76,6 +78,7 @@ elif sys.platform.startswith("freebsd"):
         mount,
         mount_points,
         set_child_subreaper,
+        set_cmdline,
         unmount,
     )
 else:
@@ -110,5 +113,6 @@ __all__ = [
     "mount",
     "mount_points",
     "set_child_subreaper",
+    "set_cmdline",
     "unmount",
 ]

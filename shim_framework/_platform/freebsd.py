@@ -119,6 +119,12 @@ def set_child_subreaper() -> None:
             raise OSError(err, f"procctl(PROC_REAP_ACQUIRE): {os.strerror(err)}")
 
 
+def set_cmdline(args: list[str]) -> None:
+    """Show *args* as this process's command line, through libc's setproctitle(3)."""
+    title = " ".join(args[1:]).encode()
+    _libc.setproctitle(b"-%s", title)
+
+
 def mount(
     source: str, target: str, fstype: str, flags: int, data: str, cwd: str | None = None
 ) -> None:

@@ -129,6 +129,21 @@ def set_child_subreaper() -> None:
     _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
+def set_cmdline(args: list[str]) -> None:
+    """Show *args* as this process's command line (`ps`, /proc/<pid>/cmdline).
+
+    Overwrites the original argv area in place (its bounds are fields 48-49 of
+    /proc/self/stat), truncating what does not fit, as setproctitle does."""
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    start, end = int(fields[45]), int(fields[46])
+    size = end - start
+    if size <= 1:
+        return
+    raw = "\0".join(args).encode()[: size - 1]
+    ctypes.memmove(start, raw.ljust(size, b"\0"), size)
+
+
 def mount(
     source: str, target: str, fstype: str, flags: int, data: str, cwd: str | None = None
 ) -> None:
