@@ -1,78 +1,76 @@
-"""Smoke demo of what polyshim has today.
+"""The main job: polyshim under a real containerd, run the way a user runs it.
 
-Brings up a private containerd 1.6 (own root, state and sockets under /tmp),
-starts containerd's own `containerd-shim-runc-v2` through its `start`
-protocol, and drives a busybox container with polyshim's ttrpc client and
-wire types; then forwards an event to containerd with polyshim's publisher.
+Brings up a private containerd (own root, state and sockets under /tmp; 1.6
+from Debian 12 and 2.1 from Debian unstable), imports a busybox image built
+locally, and runs containers through `containerd-shim-polyshim-v2`:
+a Linux container through the runc backend, an exec into a running one, and
+what containerd's event stream saw.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shim_framework.api.events import task_pb2 as events_pb2
-from shim_framework.api.task.v2 import shim_pb2 as task
-from shim_framework.errors import PolyshimError
-from shim_framework.events import Publisher
-from shim_framework.ttrpc import Client, Stub
-from tests.harness import PrivateContainerd, get_install, make_bundle
+from tests.harness import PrivateContainerd, busybox_image, get_install, import_image
 from tests.harness.events import EventWatcher
+
+RUNTIME = "io.containerd.polyshim.v2"
+VENV_BIN = Path(sys.prefix) / "bin"
+
+
+def say(text: str) -> None:
+    print(f"--- {text}", flush=True)
+
+
+def demo(version: str, work: Path) -> None:
+    with PrivateContainerd(get_install(version), path_prepend=[VENV_BIN],
+                           log_level="info") as ctrd:  # fmt: skip
+        say(f"containerd {ctrd.install.version()} running privately under {ctrd.dir}")
+        image = import_image(ctrd, busybox_image(work / version))
+        with EventWatcher(ctrd) as events:
+            say(f"ctr run --rm --runtime {RUNTIME} busybox: a Linux container via runc")
+            started = time.monotonic()
+            run = ctrd.ctr("run", "--rm", "--runtime", RUNTIME, image, "hello",
+                           "sh", "-c", "echo hello from $(uname -s) in $(hostname); exit 3",
+                           check=False)  # fmt: skip
+            print(run.stdout.strip(), f"(exit status {run.returncode}, "
+                  f"{(time.monotonic() - started) * 1000:.0f} ms)")  # fmt: skip
+            events.wait_for(lambda s: s.topic == "/tasks/delete")
+            print("events:", " ".join(events.topics_for("hello")))
+
+            say("ctr run -d, then ctr task exec and ctr task ps")
+            ctrd.ctr("run", "-d", "--runtime", RUNTIME, image, "web", "sleep", "600")
+            print(
+                ctrd.ctr(
+                    "task",
+                    "exec",
+                    "--exec-id",
+                    "e1",
+                    "web",
+                    "sh",
+                    "-c",
+                    "echo exec sees pid 1 as: $(cat /proc/1/comm)",
+                ).stdout.strip()
+            )
+            print(ctrd.ctr("task", "ps", "web").stdout.strip())
+            ctrd.ctr("task", "kill", "-s", "SIGKILL", "web")
+            seen = events.wait_for(lambda s: s.topic == "/tasks/exit" and s.event.id == "web")
+            print(f"web exited with status {seen.event.exit_status}")
+            ctrd.ctr("task", "delete", "web")
+            ctrd.ctr("container", "delete", "web")
 
 
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="polyshim-demo-"))
-    with PrivateContainerd(get_install("1.6")) as ctrd:
-        print(f"containerd 1.6 running privately under {ctrd.dir}")
-        bundle = make_bundle(work / "bundle", ["sh", "-c", "echo hello from busybox; exit 3"])
-        os.mkfifo(bundle / "log")
-        log_fd = os.open(bundle / "log", os.O_RDWR | os.O_NONBLOCK)
-        for name in ("stdout", "stderr"):
-            os.mkfifo(work / name)
-        out_fd = os.open(work / "stdout", os.O_RDONLY | os.O_NONBLOCK)
-        err_fd = os.open(work / "stderr", os.O_RDONLY | os.O_NONBLOCK)
-        env = ctrd.environ() | {"TTRPC_ADDRESS": str(ctrd.ttrpc_address)}
-        argv = [str(ctrd.install.shim_runc_v2), "-namespace", ctrd.namespace,
-                "-address", str(ctrd.address), "-publish-binary",
-                str(ctrd.install.containerd), "-id", "demo", "start"]  # fmt: skip
-        address = subprocess.run(
-            argv, cwd=bundle, env=env, check=True, capture_output=True, text=True
-        ).stdout.strip()
-        print(f"containerd-shim-runc-v2 listening at {address}")
-        with EventWatcher(ctrd) as watcher, Client.connect(address) as client:
-            shim = Stub(client, task.DESCRIPTOR.services_by_name["Task"])
-            pid = shim.Create(
-                task.CreateTaskRequest(
-                    id="demo",
-                    bundle=str(bundle),
-                    stdout=str(work / "stdout"),
-                    stderr=str(work / "stderr"),
-                )
-            ).pid
-            shim.Start(task.StartRequest(id="demo"))
-            status = shim.Wait(task.WaitRequest(id="demo")).exit_status
-            shim.Delete(task.DeleteRequest(id="demo"))
-            print(f"container pid {pid} exited with status {status}")
-            print(f"its stdout: {os.read(out_fd, 4096).decode().strip()!r}")
-            watcher.wait_for(lambda s: s.topic == "/tasks/delete")
-            print("events containerd saw:", ", ".join(watcher.topics_for("demo")))
-            with contextlib.suppress(PolyshimError):  # it may exit before replying
-                shim.Shutdown(task.ShutdownRequest(id="demo"), timeout=3)
-            publisher = Publisher(str(ctrd.ttrpc_address), ctrd.namespace)
-            publisher.publish(events_pb2.TaskOOM(container_id="demo"))
-            publisher.close()
-            seen = watcher.wait_for(lambda s: s.topic == "/tasks/oom")
-            print(f"polyshim's publisher forwarded {seen.topic} for {seen.event.container_id}")
-        os.close(out_fd)
-        os.close(err_fd)
-        os.close(log_fd)
-    return 0 if status == 3 else 1
+    for version in ("1.6", "2.1"):
+        demo(version, work)
+    say("done")
+    return 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from shim_framework.config import DEFAULTS_PATH, from_dict
 from shim_framework.errors import PolyshimError
 from shim_framework.registry import Registry
 
+SELECTION_ANNOTATIONS = '["io.polyshim.*", "run.oci.handler", "module.wasm.image/*"]'
 CRI_PLUGIN = {
     2: 'plugins."io.containerd.grpc.v1.cri".containerd.runtimes',  # containerd 1.6, 1.7
     3: 'plugins."io.containerd.cri.v1.runtime".containerd.runtimes',  # containerd 2.x
@@ -95,6 +96,10 @@ def containerd_config(version: int, runtime_name: str, config_path: str) -> str:
             "",
             f"[{table}]",
             f'  runtime_type = "{RUNTIME}"',
+            "  # CRI passes a pod's or container's annotations to the runtime only when listed:",
+            "  # these are the ones polyshim selects backends by.",
+            f"  pod_annotations = {SELECTION_ANNOTATIONS}",
+            f"  container_annotations = {SELECTION_ANNOTATIONS}",
             f"  [{table}.options]",
             f'    ConfigPath = "{config_path}"',
             "",
