@@ -129,8 +129,8 @@ def group_id(bundle: str, task_id: str) -> str:
 
     try:
         annotations = json.loads(raw).get("annotations") or {}
-    except (ValueError, AttributeError):
-        return task_id
+    except (ValueError, AttributeError, RecursionError):
+        return task_id  # Create reports what is wrong with config.json
     for key in GROUP_ANNOTATIONS:
         if value := annotations.get(key):
             return str(value)
@@ -161,8 +161,10 @@ def start(flags: Flags, argv: list[str], stdin: bytes, serve: object) -> str:
     address = "unix://" + path
     if not _serving(path):
         listener = _listen(path)
-        _launch_server(flags, argv, listener, socket_dir, serve)
-        listener.close()
+        try:
+            _launch_server(flags, argv, listener, socket_dir, serve)
+        finally:
+            listener.close()
     with open(os.path.join(bundle, "address"), "w") as f:  # 1.6/1.7 read it after a restart
         f.write(address)
     return address
@@ -186,6 +188,7 @@ def _launch_server(
             serve(flags, socket.socket(fileno=listener.detach()))  # type: ignore[operator]
         finally:
             os._exit(1)
+    listener.close()  # the server has it; the template must not inherit it
     template.spawn(socket_dir)
 
 

@@ -76,6 +76,7 @@ log = logging.getLogger("polyshim.task")
 DRAIN_TIMEOUT = 10.0  # Delete waits this long for output to reach the client (ref: 10 s)
 EXEC_EXIT_GRACE = 10.0  # an init's exit waits at most this long for its execs' exits
 UNCLAIMED_LIMIT = 4096
+UNKNOWN_EXIT = 255  # containerd's status for a process whose real exit is unknowable
 # Go's zero time: what the reference shim sends for "has not exited" (1.6 reads an
 # absent timestamp as year 1, 2.x as 1970; this value means the same to both).
 NOT_EXITED = timestamp_pb2.Timestamp(seconds=-62135596800)
@@ -311,6 +312,8 @@ class TaskService:
                 process.stdio.after_start()
             except BaseException:
                 self._release_held_exit(process)
+                if not process.is_init:
+                    self._exec_never_started(process)
                 raise
         if process.is_init:
             self.publisher.publish(events.TaskStart(container_id=task.id, pid=process.pid))
@@ -323,6 +326,14 @@ class TaskService:
             )
         self._release_held_exit(process)
         return api.StartResponse(pid=process.pid)
+
+    def _exec_never_started(self, process: Process) -> None:
+        """A failed exec start: its clients must see EOF and its Wait must return (ref: the
+        runc shim unblocks both), or `ctr task exec` hangs on the output it waits for."""
+        with self._lock:
+            recorded = not process.exited.is_set() and process.record_exit(UNKNOWN_EXIT)
+        if recorded:
+            process.stdio.close()
 
     def exec(self, req: api.ExecProcessRequest, ctx: CallContext | None = None) -> Any:
         task = self._task(req.id)
@@ -765,7 +776,7 @@ def read_spec(bundle: Path) -> dict[str, Any]:
         raise InvalidArgument(f"bundle {bundle}: must be an absolute path")
     path = bundle / "config.json"
     try:
-        spec = json.loads(path.read_text())
+        spec = json.loads(path.read_bytes().decode("utf-8", "replace"))  # Go accepts bad UTF-8
     except FileNotFoundError:
         raise InvalidArgument(f"bundle {bundle}: config.json is missing") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -773,6 +784,10 @@ def read_spec(bundle: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise InvalidArgument(
             f"bundle {bundle}: config.json is not valid JSON ({e}); regenerate the OCI spec"
+        ) from e
+    except RecursionError as e:
+        raise InvalidArgument(
+            f"bundle {bundle}: config.json nests too deeply to read; regenerate the OCI spec"
         ) from e
     if not isinstance(spec, dict):
         raise InvalidArgument(f"bundle {bundle}: config.json must hold a JSON object")
@@ -803,8 +818,8 @@ def decode_json_any(value: any_pb2.Any, what: str) -> dict[str, Any]:
         return {}
     try:
         decoded = json.loads(value.value)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"{what} ({value.type_url}): not valid JSON: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise InvalidArgument(f"{what} ({value.type_url}): not valid JSON: {e!r}") from e
     if not isinstance(decoded, dict):
         raise InvalidArgument(f"{what} ({value.type_url}): must be a JSON object")
     return decoded

@@ -107,6 +107,7 @@ def _become_template(socket_dir: str) -> None:
     import socket
 
     _detach_stdio()
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # nothing of the `start` that spawned us
     os.chdir("/")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     path = socket_path(socket_dir)
