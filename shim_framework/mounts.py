@@ -40,7 +40,7 @@ import errno
 import logging
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import attrs
 
@@ -51,17 +51,16 @@ from shim_framework.errors import (
     PolyshimError,
     Unimplemented,
 )
+from shim_framework.rootfs import resolve_in_root
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from shim_framework.backend import Mount
 
 log = logging.getLogger("polyshim.mounts")
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _PROPAGATION = plat.MS_SHARED | plat.MS_PRIVATE | plat.MS_SLAVE | plat.MS_UNBINDABLE
-_MAX_SYMLINKS = 40  # as the kernel's path walk
 
 # option -> (clears the flag?, flag); a flag that is 0 here has no such thing on this platform
 _FLAGS: dict[str, tuple[bool, int]] = {
@@ -174,7 +173,8 @@ def unmount_all(target: Path) -> None:
 
 def _mount_one(m: Mount, root: Path) -> str:
     """Mount *m* below *root*; return where."""
-    target = _scoped_join(root, m.target) if m.target else os.path.realpath(root)
+    base = Path(os.path.realpath(root))
+    target = str(resolve_in_root(base, m.target, must_exist=False)) if m.target else str(base)
     if m.type.startswith(("fuse.", "fuse3.")):
         raise Unimplemented(f"FUSE mounts ({m.type}) need a mount helper; not implemented yet")
     options = list(m.options)
@@ -243,35 +243,6 @@ def _relative_lowerdirs(options: list[str]) -> tuple[str | None, list[str]]:
         return None, options
     relative = [d[len(common) + 1 :] for d in dirs]
     return common, [*options[:index], "lowerdir=" + ":".join(relative), *options[index + 1 :]]
-
-
-def _scoped_join(root: Path, path: str) -> str:
-    """*root*/*path*, with symlinks in *path* resolved as if *root* were "/".
-
-    The rootfs is the image's content: a symlink in it must not move a mount
-    outside the rootfs (containerd uses continuity's `fs.RootPath` for this)."""
-    base = os.path.realpath(root)
-    todo = [p for p in path.split("/") if p not in ("", ".")]
-    done: list[str] = []
-    links = 0
-    while todo:
-        part = todo.pop(0)
-        if part == "..":
-            if done:
-                done.pop()
-            continue
-        here = os.path.join(base, *done, part)
-        if not os.path.islink(here):
-            done.append(part)
-            continue
-        links += 1
-        if links > _MAX_SYMLINKS:
-            raise InvalidArgument(f"mount target {path!r}: too many levels of symbolic links")
-        link = os.readlink(here)
-        if link.startswith("/"):
-            done = []
-        todo = [p for p in link.split("/") if p not in ("", ".")] + todo
-    return os.path.join(base, *done)
 
 
 def _unmount_one(point: str) -> None:

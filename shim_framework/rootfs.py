@@ -13,9 +13,10 @@ from shim_framework.errors import InvalidArgument, NotFound
 MAX_SYMLINKS = 40  # as the kernel's path walk (ELOOP)
 
 
-def resolve_in_root(root: Path, path: str) -> Path:
+def resolve_in_root(root: Path, path: str, *, must_exist: bool = True) -> Path:
     """The host path of *path* as the container sees it: `..` stops at the root and
-    symlinks, absolute or relative, are followed inside it. NotFound if missing."""
+    symlinks, absolute or relative, are followed inside it (continuity's `fs.RootPath`).
+    NotFound if missing, unless not *must_exist* (a mount target to be created)."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
     resolved: list[str] = []
     hops = 0
@@ -29,7 +30,9 @@ def resolve_in_root(root: Path, path: str) -> Path:
         try:
             mode = os.lstat(candidate).st_mode
         except FileNotFoundError:
-            raise NotFound(f"{path}: no such file in the container's rootfs") from None
+            if must_exist:
+                raise NotFound(f"{path}: no such file in the container's rootfs") from None
+            mode = 0
         if stat.S_ISLNK(mode):
             hops += 1
             if hops > MAX_SYMLINKS:

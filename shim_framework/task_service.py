@@ -201,15 +201,7 @@ class TaskService:
                 raise Unimplemented(f"backend {backend.name} does not support terminals")
             if req.checkpoint and Cap.CHECKPOINT not in backend.capabilities:
                 raise Unimplemented(f"backend {backend.name} does not support checkpoints")
-            stdio = ProcessStdio.open(
-                stdin=req.stdin,
-                stdout=req.stdout,
-                stderr=req.stderr,
-                terminal=req.terminal,
-                process_id=req.id,
-                namespace=self.namespace,
-                reaper=self.reaper,
-            )
+            stdio = self._open_stdio(req, req.id)
             container = Container(
                 id=req.id,
                 namespace=self.namespace,
@@ -262,6 +254,19 @@ class TaskService:
             )
         )
         return api.CreateTaskResponse(pid=created.pid)
+
+    def _open_stdio(
+        self, req: api.CreateTaskRequest | api.ExecProcessRequest, process_id: str
+    ) -> ProcessStdio:
+        return ProcessStdio.open(
+            stdin=req.stdin,
+            stdout=req.stdout,
+            stderr=req.stderr,
+            terminal=req.terminal,
+            process_id=process_id,
+            namespace=self.namespace,
+            reaper=self.reaper,
+        )
 
     def _backend(self, name: str, config: runtime_config.RuntimeConfig) -> Backend:
         table = config.backend_config(name)
@@ -353,15 +358,7 @@ class TaskService:
             with self._lock:
                 if req.exec_id in task.execs:
                     raise AlreadyExists(f'exec "{req.exec_id}" in task "{task.id}": already exists')
-            stdio = ProcessStdio.open(
-                stdin=req.stdin,
-                stdout=req.stdout,
-                stderr=req.stderr,
-                terminal=req.terminal,
-                process_id=req.exec_id,
-                namespace=self.namespace,
-                reaper=self.reaper,
-            )
+            stdio = self._open_stdio(req, req.exec_id)
             try:
                 task.backend.exec(ExecProcess(task.id, req.exec_id, process_spec, stdio.io))
             except BaseException:
