@@ -260,6 +260,7 @@ class _ServerConnection:
             text = f"malformed {request.method} request: {e}"
             self._answer(request.stream_id, Code.INVALID_ARGUMENT, text)
             return
+        began = time.monotonic()
         try:
             result = registered.handler(message, ctx)
             payload = result.SerializeToString()
@@ -267,8 +268,11 @@ class _ServerConnection:
             code, text = to_status(e)
             if code == Code.UNKNOWN:
                 log.exception("ttrpc: %s/%s failed", request.service, request.method)
+            else:
+                log.info("ttrpc: %s failed: %s", request.method, text)
             self._answer(request.stream_id, code, text)
             return
+        log.debug("ttrpc: %s took %.1f ms", request.method, (time.monotonic() - began) * 1000)
         self._answer(request.stream_id, Code.OK, "", payload)
 
     def _answer(self, stream_id: int, code: Code, message: str, payload: bytes = b"") -> None:
