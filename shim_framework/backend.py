@@ -185,6 +185,11 @@ class Backend(abc.ABC):
         """Can this host run the backend? A "no" skips the backend, with the reason shown."""
 
     @classmethod
+    def unsupported(cls, cap: Cap) -> str:
+        """Why the backend lacks *cap*, for the error a user sees (e.g. wasm: terminals)."""
+        return ""
+
+    @classmethod
     def recognizes(cls, entrypoint: Path) -> bool:
         """Is *entrypoint* (a file inside the rootfs) something only this backend runs?
 

@@ -52,3 +52,15 @@ class Host:
     ) -> int:
         """Start a long-running process; its exit reaches the task service by pid."""
         return self.reaper.spawn(argv, fds=fds, cwd=cwd, env=env, setsid=setsid)
+
+    def fork(
+        self,
+        child: Callable[[], int],
+        *,
+        fds: Mapping[int, int] | None = None,
+        setsid: bool = False,
+    ) -> int:
+        """Run *child* in a forked copy of the shim (for in-process backends such as wasm);
+        its exit reaches the task service by pid. See `Reaper.fork` for what the child
+        may and may not do."""
+        return self.reaper.fork(child, fds=fds, setsid=setsid)

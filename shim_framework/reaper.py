@@ -47,6 +47,9 @@ would look successful. Processes start with `os.posix_spawn` instead: no
 Python code runs in the child, the child gets exactly the fds it is given,
 default SIGPIPE and SIGXFSZ (Python ignores both, and ignored signals
 survive exec into runc and containers) and an empty signal mask.
+A backend whose workload is Python code (the wasm backend) uses `fork`
+instead: the same fds, signals and mask, and the same exit path; its
+docstring lists what the child must not do in a copy of a threaded process.
 
 Only one reaper can be started per process (the wakeup fd is process-wide;
 an asyncio loop in the main thread would take it over). `stop()` restores the
@@ -58,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import logging
 import os
 import queue
@@ -65,6 +69,7 @@ import selectors
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -91,6 +96,7 @@ _CHUNK = 64 * 1024
 _CHILD_SIGDEF = (signal.SIGPIPE, signal.SIGXFSZ)  # ignored by Python; default in children
 _SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _STOP = b"\0"  # not a signal number: wakes the reaper thread to stop
+_MAX_FD = 1 << 20  # fork(): fds below this (or the fd limit) the child is not given are closed
 
 
 @attrs.frozen
@@ -316,6 +322,53 @@ class Reaper:
         other fd is inherited. Its exit goes to `on_exit`, unless *own*: then
         the caller must collect it with `wait(pid)` (exactly once)."""
         return self._spawn(argv, fds, cwd, env, setsid, own, notify_fd=-1)
+
+    def fork(
+        self,
+        child: Callable[[], int],
+        *,
+        fds: Mapping[int, int] | None = None,
+        setsid: bool = False,
+    ) -> int:
+        """Fork, run *child()* in the new process and exit with its int; return the pid.
+
+        For backends that run their workload in Python (the wasm backend), where
+        there is no program to spawn. The child gets exactly the fds in *fds*
+        (child fd -> our fd, as for `spawn`; 0-2 not given get /dev/null; every
+        other fd is closed), default dispositions for every signal, no wakeup fd,
+        an empty signal mask and no cyclic garbage collection (see below); then
+        `child()` runs and the process leaves with `os._exit(child() & 0xFF)`. An
+        exception in the child writes its traceback to the child's fd 2 and exits
+        1. The exit reaches `on_exit` like that of any spawned process.
+
+        The caller is usually multi-threaded (the shim server), and only the
+        forking thread exists in the child: locks other threads held stay held
+        there forever. So *child* must not log, import modules, or take any lock
+        shared with the parent (write diagnostics to fd 2 with `os.write`).
+        Objects of the parent that own fds (sockets, files) remain in the child's
+        heap after their fds were closed; if the garbage collector finalized one,
+        it would close whatever the child has opened under that number since.
+        Hence no cyclic GC in the child: it is short-lived or frees by refcount.
+        The fork holds the reaper's lock, like `spawn`, so the child is not
+        reaped before the pid is returned to the caller."""
+        wanted = dict(fds or {})
+        with self._lock:
+            if not self._running:
+                raise FailedPrecondition(
+                    "fork: the reaper is not running; start it before starting "
+                    "processes, or no one collects their exits"
+                )
+            # Signals stay blocked in the child until its handlers are the defaults: until
+            # then a signal would run ours, which write to the wakeup fd (the reaper's pipe,
+            # or after the fds are installed, whatever fd now has that number).
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+            try:
+                pid = os.fork()
+                if pid == 0:  # pragma: no cover - runs in the child, which never returns
+                    _run_forked_child(child, wanted, setsid)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return pid
 
     def wait(self, pid: int, timeout: float | None = None) -> Exit:
         """The exit of *pid*, which must have been spawned with own=True.
@@ -574,6 +627,55 @@ class _Capture:
             return pending
         except BrokenPipeError:
             return pending[:0]  # the command closed its stdin; the rest is not wanted
+
+
+def _run_forked_child(child: Callable[[], int], fds: dict[int, int], setsid: bool) -> None:
+    """The child side of `Reaper.fork`; never returns."""
+    code = 1
+    try:
+        gc.disable()
+        signal.set_wakeup_fd(-1)
+        for signum in signal.valid_signals():
+            if signum not in (signal.SIGKILL, signal.SIGSTOP):
+                try:
+                    signal.signal(signum, signal.SIG_DFL)
+                except (OSError, ValueError, RuntimeError):
+                    pass  # a signal the C library reserves for itself
+        _install_child_fds(fds)
+        if setsid:
+            os.setsid()
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())  # blocked since the fork
+        code = child() & 0xFF
+    except BaseException:
+        try:
+            os.write(2, traceback.format_exc().encode(errors="replace"))
+        except BaseException:
+            pass
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _install_child_fds(fds: Mapping[int, int]) -> None:
+    """In a forked child: make *fds* (child fd -> our fd) the only open fds."""
+    above = max([2, *fds]) + 1
+    # copies above every target first, so no dup2 overwrites the source of a later one
+    copies = {target: fcntl.fcntl(ours, fcntl.F_DUPFD, above) for target, ours in fds.items()}
+    for target, copy in copies.items():
+        os.dup2(copy, target)
+    for n in (0, 1, 2):
+        if n not in fds:
+            null = os.open(os.devnull, os.O_RDONLY if n == 0 else os.O_WRONLY)
+            if null != n:
+                os.dup2(null, n)
+                os.close(null)
+    keep = sorted({0, 1, 2, *fds})
+    low = 0
+    for fd in keep:
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, max(_MAX_FD, os.sysconf("SC_OPEN_MAX")))
 
 
 def _ignore(signum: int, frame: object) -> None:

@@ -48,12 +48,21 @@ def resolve_in_root(root: Path, path: str, *, must_exist: bool = True) -> Path:
 
 def entrypoint(spec: Mapping[str, Any], root: Path) -> Path | None:
     """The file `process.args[0]` names, looked up like execvp in the container
-    (PATH from the spec's env, relative to `process.cwd`); None when absent."""
+    (PATH from the spec's env, relative to `process.cwd`); None when absent.
+
+    `path#function` (crun's and runwasi's way to name a wasm entry) finds `path`
+    when no file carries the whole name."""
     process = spec.get("process") or {}
     args = process.get("args") or []
     if not args or not args[0]:
         return None
-    name = args[0]
+    found = _lookup(process, root, args[0])
+    if found is None and "#" in args[0]:
+        found = _lookup(process, root, args[0].split("#", 1)[0])
+    return found
+
+
+def _lookup(process: Mapping[str, Any], root: Path, name: str) -> Path | None:
     if "/" in name:
         cwd = process.get("cwd") or "/"
         candidates = [name if name.startswith("/") else f"{cwd}/{name}"]

@@ -106,9 +106,17 @@ class Task:
         return any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
 
     def require(self, cap: Cap, what: str) -> None:
-        # runtime-v2 README "Unsupported rpcs": MUST return ErrNotImplemented
-        if cap not in self.backend.capabilities:
-            raise Unimplemented(f"backend {self.backend_name} does not support {what}")
+        require(self.backend, cap, what)
+
+
+def require(backend: Backend, cap: Cap, what: str) -> None:
+    """Unimplemented, naming the backend and its reason, unless it declared *cap*."""
+    # runtime-v2 README "Unsupported rpcs": MUST return ErrNotImplemented
+    if cap not in backend.capabilities:
+        reason = backend.unsupported(cap)
+        raise Unimplemented(
+            f"backend {backend.name} does not support {what}" + (f": {reason}" if reason else "")
+        )
 
 
 class TaskService:
@@ -191,23 +199,23 @@ class TaskService:
             if rootfs_mounts:
                 mounts.mount_all(rootfs_mounts, rootfs)
                 mounted = True
-            check_rootfs(bundle, spec)
-            choice = selection.choose(spec, rootfs, config, self.registry)
+            root = check_rootfs(bundle, spec)
+            choice = selection.choose(spec, root, config, self.registry)
             backend = self._backend(choice.name, config)
             if Cap.RAW_MOUNTS in backend.capabilities and mounted:
                 mounts.unmount_all(rootfs)
                 mounted = False
-            if req.terminal and Cap.TERMINAL not in backend.capabilities:
-                raise Unimplemented(f"backend {backend.name} does not support terminals")
-            if req.checkpoint and Cap.CHECKPOINT not in backend.capabilities:
-                raise Unimplemented(f"backend {backend.name} does not support checkpoints")
+            if req.terminal:
+                require(backend, Cap.TERMINAL, "terminals")
+            if req.checkpoint:
+                require(backend, Cap.CHECKPOINT, "checkpoints")
             stdio = self._open_stdio(req, req.id)
             container = Container(
                 id=req.id,
                 namespace=self.namespace,
                 bundle=bundle,
                 spec=spec,
-                rootfs=rootfs,
+                rootfs=root,
                 io=stdio.io,
                 mounts=tuple(rootfs_mounts),
                 checkpoint=req.checkpoint,
@@ -794,7 +802,9 @@ def read_spec(bundle: Path) -> dict[str, Any]:
     return spec
 
 
-def check_rootfs(bundle: Path, spec: dict[str, Any]) -> None:
+def check_rootfs(bundle: Path, spec: dict[str, Any]) -> Path:
+    """The container's root directory (the spec's root.path, relative to the bundle), which
+    must exist and hold something."""
     root = (spec.get("root") or {}).get("path") or "rootfs"
     path = bundle / root if not root.startswith("/") else Path(root)
     if not path.is_dir():
@@ -807,6 +817,7 @@ def check_rootfs(bundle: Path, spec: dict[str, Any]) -> None:
             f"bundle {bundle}: root filesystem {path} is empty; "
             "give the task rootfs mounts (an image snapshot) or fill the directory"
         )
+    return path
 
 
 def decode_json_any(value: any_pb2.Any, what: str) -> dict[str, Any]:

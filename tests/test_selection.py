@@ -98,6 +98,11 @@ def test_wasm_entrypoint_is_detected_through_symlinks_and_path(rootfs: Path) -> 
     assert choose(spec(["/bin/link.wasm"]), rootfs).rule.startswith("auto-detection")
 
 
+def test_wasm_entry_with_a_function_suffix_is_detected(rootfs: Path) -> None:
+    """`/app.wasm#greet` names a function in /app.wasm (crun's and runwasi's convention)."""
+    assert choose(spec(["/app.wasm#greet"]), rootfs).name == "wasm"
+
+
 def test_runtime_default_backend(rootfs: Path) -> None:
     assert choose(spec(["sh"]), rootfs, default_backend="wasm").name == "wasm"
 
