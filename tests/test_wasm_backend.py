@@ -42,8 +42,7 @@ from shim_framework.errors import (
 from shim_framework.host import Host
 from shim_framework.oom import OomWatcher
 from shim_framework.reaper import Exit, Reaper
-from tests.harness import require_root
-from tests.harness.wasm import GUESTS as GUEST_SOURCES
+from tests.harness import PrivateContainerd, require_root
 from tests.harness.wasm import build_guest, guest_names
 
 pytestmark = pytest.mark.integration
@@ -844,10 +843,15 @@ def test_fork_needs_a_running_reaper() -> None:
         Reaper().fork(lambda: 0)
 
 
-def test_guests_run_under_containerds_default_seccomp_profile(lab: Lab) -> None:
-    """The profile `ctr run --seccomp` (and CRI's RuntimeDefault) puts in the spec, captured
-    from containerd 2.1: default-deny, so wasmtime's and the worker's syscalls must be in it."""
-    profile = json.loads((GUEST_SOURCES / "seccomp-containerd-2.1-default.json").read_text())
+def test_guests_run_under_containerds_default_seccomp_profile(
+    lab: Lab, containerd: PrivateContainerd, busybox: str
+) -> None:
+    """The profile `ctr run --seccomp` (and CRI's RuntimeDefault) puts in the spec, as each
+    containerd version makes it: default-deny, so wasmtime's and the worker's syscalls must
+    be in it."""
+    containerd.ctr("container", "create", "--seccomp", busybox, "seccomp-probe")
+    info = json.loads(containerd.ctr("container", "info", "seccomp-probe").stdout)
+    profile = info["Spec"]["linux"]["seccomp"]
     assert profile["defaultAction"] == "SCMP_ACT_ERRNO"
     result = lab.run(["/hello.wasm", "6"], seccomp=profile)
     assert (result.status, result.stderr) == (6, "hello on stderr\n")
