@@ -40,6 +40,14 @@ class Registry:
         self._classes: dict[str, type[Backend]] = {}
         self._lock = threading.Lock()
 
+    @classmethod
+    def of(cls, *backends: type[Backend]) -> Registry:
+        """A registry of exactly these classes (tests, the conformance kit)."""
+        registry = cls({b.name: Entry(b.name, f"{b.__module__}:{b.__qualname__}", "-")
+                        for b in backends})  # fmt: skip
+        registry._classes.update({b.name: b for b in backends})
+        return registry
+
     @property
     def entries(self) -> dict[str, Entry]:
         if self._entries is None:

@@ -26,6 +26,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 # sys/wait.h (idtype_t) and sys/procctl.h
 P_PID = 0
+PROC_REAP_RELEASE = 3  # sys/procctl.h
 PROC_REAP_ACQUIRE = 2
 
 # sys/mount.h
@@ -111,8 +112,11 @@ def _check(result: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def set_child_subreaper() -> None:
-    """Make this process the reaper of its descendants (procctl PROC_REAP_ACQUIRE)."""
+def set_child_subreaper(enabled: bool = True) -> None:
+    """Make this process the reaper of its descendants (procctl PROC_REAP_ACQUIRE/RELEASE)."""
+    if not enabled:
+        _libc.procctl(P_PID, os.getpid(), PROC_REAP_RELEASE, None)
+        return
     if _libc.procctl(P_PID, os.getpid(), PROC_REAP_ACQUIRE, None) != 0:
         err = ctypes.get_errno()
         if err != errno.EBUSY:  # EBUSY: we already are the reaper

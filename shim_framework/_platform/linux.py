@@ -122,11 +122,12 @@ def _b(s: str) -> bytes | None:
     return os.fsencode(s) if s else None
 
 
-def set_child_subreaper() -> None:
-    """Make orphaned descendants of this process our children, not init's.
+def set_child_subreaper(enabled: bool = True) -> None:
+    """Make orphaned descendants of this process our children, not init's (or stop it).
 
     Not inherited across fork: call it in the long-running server itself."""
-    _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+    flag = 1 if enabled else 0
+    _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, flag, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
 def set_cmdline(args: list[str]) -> None:
