@@ -47,10 +47,22 @@ def main(argv: list[str] | None = None) -> int:
         default="/etc/polyshim/runtime.toml",
         help="polyshim runtime config the shim reads (default_backend, ...)",
     )
+    config.add_argument(
+        "--snapshotters",
+        default="polyshim-overlay,polyshim-erofs,polyshim-blockfile",
+        help="names polyshim-snapshotd serves (its --snapshotters: DRIVER is polyshim-DRIVER)",
+    )
+    config.add_argument(
+        "--no-snapshotters", action="store_true", help="only the runtime, no [proxy_plugins]"
+    )
+    config.add_argument("--snapshotd-socket", default="/run/polyshim-snapshotd/snapshotd.sock")
+    config.add_argument("--snapshotd-root", default="/var/lib/polyshim-snapshotd")
     args = parser.parse_args(argv)
     if args.command == "backends":
         return _backends()
     print(containerd_config(args.config_version, args.runtime_name, args.config_path))
+    if not args.no_snapshotters:
+        print(snapshotter_config(args))
     return 0
 
 
@@ -110,3 +122,18 @@ def containerd_config(version: int, runtime_name: str, config_path: str) -> str:
             '#   binary = "runc"',
         ]
     )
+
+
+def snapshotter_config(args: argparse.Namespace) -> str:
+    """polyshim-snapshotd's `[proxy_plugins]`, and for 2.x the transfer service's unpack list."""
+    import platform
+
+    from daemon.config import proxy_plugins_toml, unpack_config_toml
+
+    names = [n.strip() for n in args.snapshotters.split(",") if n.strip()]
+    text = proxy_plugins_toml(names, args.snapshotd_socket, config_version=args.config_version,
+                              root=args.snapshotd_root)  # fmt: skip
+    if args.config_version == 3:
+        arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+        text += "\n" + unpack_config_toml(names, f"linux/{arch}")
+    return text

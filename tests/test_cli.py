@@ -44,6 +44,8 @@ def test_containerd_config_is_accepted_by_containerd(label: str, version: int, t
         and 'runtime_type = "io.containerd.polyshim.v2"' in out
     )
     assert "/etc/polyshim/runtime.toml" in out
+    for name in ("polyshim-overlay", "polyshim-erofs", "polyshim-blockfile"):
+        assert f"proxy_plugins.{name}]" in out or f'proxy_plugins."{name}"]' in out, name
 
 
 def test_shim_version_flag() -> None:
