@@ -7,7 +7,9 @@ exported function without parameters). argv is `process.args` as given, the
 environment is `process.env`, the rootfs is the guest's `/` (read-only when
 `root.readonly`), and nothing else of the host is visible. `process.cwd` has
 no meaning in WASI preview 1 (the guest's cwd is `/`, spec wasm.md §1.5);
-`process.terminal` is refused, WASI has no tty.
+`process.terminal` is refused, WASI has no tty. When args[0] names no file in
+the rootfs and the container's image has a wasm layer (an OCI wasm artifact),
+that layer runs instead: `backends.wasm.oci`.
 
 Processes: `create` makes the container's cgroup (`linux.cgroupsPath`, else
 `/polyshim/<namespace>/<id>`; one that already has processes is refused and
@@ -87,7 +89,7 @@ from typing import Any
 
 import attrs
 
-from backends.wasm import cache, worker
+from backends.wasm import cache, oci, worker
 from shim_framework import cgroups, errors, seccomp
 from shim_framework.backend import (
     Backend,
@@ -212,6 +214,7 @@ class _Record:
     cgroup: cgroups.Cgroup
     init: _Worker | None = None
     execs: dict[str, _Exec] = attrs.field(factory=dict)
+    layer: oci.Resolved | None = None  # the module is a wasm layer of the image (oci.py)
 
 
 class WasmBackend(Backend):
@@ -276,7 +279,15 @@ class WasmBackend(Backend):
         if problem:
             raise FailedPrecondition(f"{what}: {problem}")
         rootfs = _rootfs(container)
-        plan = self._plan(what, container.spec, container.process, rootfs, exec_of_init=False)
+        ns, cid = container.namespace, container.id
+        layer = oci.resolve(self.host, ns, cid, rootfs, container.process, what)
+        process = container.process if layer is None else layer.process
+        try:
+            plan = self._plan(what, container.spec, process, rootfs, exec_of_init=False)
+        except BaseException:
+            oci.remove(layer)
+            raise
+        plan = plan if layer is None else layer.plan(plan)
         linux = container.spec.get("linux") or {}
         path = _cgroup_path(linux.get("cgroupsPath"), container.namespace, container.id)
         cgroup = cgroups.create(path)
@@ -289,13 +300,14 @@ class WasmBackend(Backend):
                 f"{what}: its cgroup {path} already has processes ({len(busy)}, e.g. "
                 f"{busy[0]}); give the container a cgroup of its own (linux.cgroupsPath)"
             )
-        record = _Record(container.id, container.spec, rootfs, cgroup)
+        record = _Record(container.id, container.spec, rootfs, cgroup, layer=layer)
         try:
             cgroups.update(cgroup, linux.get("resources"))
             plan = attrs.evolve(plan, memory_usage_file=_memory_usage_file(cgroup))
             record.init = self._launch(what, plan, container.io, cgroup)
         except BaseException:
             _remove_cgroup(cgroup, what)
+            oci.remove(layer)
             raise
         with self._lock:
             self._records[container.id] = record
@@ -350,6 +362,7 @@ class WasmBackend(Backend):
         for w in workers:
             _stop(w)
         _remove_cgroup(record.cgroup, what)
+        oci.remove(record.layer)
         for w in workers:
             w.close()
         with self._lock:
@@ -376,7 +389,11 @@ class WasmBackend(Backend):
         what = f'exec "{process.exec_id}" in container "{process.container_id}"'
         if process.io.terminal or process.process.get("terminal"):
             raise Unimplemented(TERMINAL_MESSAGE)
-        plan = self._plan(what, record.spec, process.process, record.rootfs, exec_of_init=True)
+        ns = self.host.namespace
+        layer = oci.reuse(record.layer, self.host, ns, record.rootfs, process.process, what)
+        args = process.process if layer is None else layer.process
+        plan = self._plan(what, record.spec, args, record.rootfs, exec_of_init=True)
+        plan = plan if layer is None else layer.plan(plan)
         plan = attrs.evolve(plan, memory_usage_file=_memory_usage_file(record.cgroup))
         with self._lock:
             if process.exec_id in record.execs:

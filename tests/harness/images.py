@@ -275,24 +275,33 @@ def build_oci_archive(dest: Path, name: str, layers: list[Layer], config: dict[s
         },
         "layers": layer_descs,
     }
-    manifest_bytes = _canonical_json(manifest)
+    platform = {"architecture": image_config["architecture"], "os": image_config["os"]}
+    return _write_layout(dest, name, blobs, _canonical_json(manifest), platform)
+
+
+def _write_layout(
+    dest: Path,
+    name: str,
+    blobs: dict[str, bytes],
+    manifest_bytes: bytes,
+    platform: dict[str, str] | None,
+) -> Path:
+    """Write the OCI layout archive of one image: *blobs* (config, layers) plus the manifest,
+    and an index naming it *name*; the manifest's index entry gets *platform* when given."""
+    dest = Path(dest)
+    blobs = dict(blobs)
+    digest = _sha256(manifest_bytes)
+    blobs[digest] = manifest_bytes
     tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else "latest"
-    index = {
-        "schemaVersion": 2,
-        "mediaType": MEDIA_INDEX,
-        "manifests": [
-            {
-                "mediaType": MEDIA_MANIFEST,
-                "digest": add_blob(manifest_bytes),
-                "size": len(manifest_bytes),
-                "platform": {
-                    "architecture": image_config["architecture"],
-                    "os": image_config["os"],
-                },
-                "annotations": {ANNOTATION_IMAGE_NAME: name, ANNOTATION_REF_NAME: tag},
-            }
-        ],
+    entry: dict[str, Any] = {
+        "mediaType": MEDIA_MANIFEST,
+        "digest": digest,
+        "size": len(manifest_bytes),
+        "annotations": {ANNOTATION_IMAGE_NAME: name, ANNOTATION_REF_NAME: tag},
     }
+    if platform is not None:
+        entry["platform"] = platform
+    index = {"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": [entry]}
 
     files: list[tuple[str, bytes]] = [
         ("oci-layout", _canonical_json({"imageLayoutVersion": "1.0.0"})),
@@ -312,6 +321,119 @@ def build_oci_archive(dest: Path, name: str, layers: list[Layer], config: dict[s
             tar.addfile(info, io.BytesIO(data))
     tmp.replace(dest)
     return dest
+
+
+# ---------------------------------------------------------------------- wasm images
+
+MEDIA_WASM = "application/wasm"  # the CNCF wasm OCI artifact's layer (module or component)
+MEDIA_WASM_COMPONENT_LAYER = "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm"
+MEDIA_WASM_CONTENT_LAYER = "application/vnd.wasm.content.layer.v1+wasm"  # wasm-to-oci, Spin
+MEDIA_WASM_CONFIG = "application/vnd.wasm.config.v0+json"  # the CNCF wasm OCI artifact's config
+ARTIFACT_MODULE = "application/vnd.wasm.module.v1+wasm"  # artifactType, WASI preview 1
+ARTIFACT_COMPONENT = "application/vnd.wasm.component.v1+wasm"  # artifactType, WASI preview 2
+_COMPONENT_HEADER = b"\0asm\x0d\x00\x01\x00"
+
+
+def wasm_image(
+    dest: Path,
+    name: str,
+    modules: dict[str, bytes],
+    *,
+    files: dict[str, EntryLike] | None = None,
+    entrypoint: list[str] | None = None,
+) -> Path:
+    """An ordinary image whose one layer is a tar holding *modules* (``{path: wasm}``, mode
+    0755) and *files*: what `docker build` makes of a `FROM scratch` + `COPY x.wasm /`.
+
+    Its config says ``linux`` and the host's architecture (ctr's default platform), so
+    ``ctr images import`` unpacks it like any image; ``Entrypoint`` is *entrypoint*."""
+    entries: dict[str, EntryLike] = {path: File(wasm, 0o755) for path, wasm in modules.items()}
+    entries.update(files or {})
+    config: dict[str, Any] = {"config": {"Entrypoint": entrypoint or [], "Cmd": []}}
+    return build_oci_archive(Path(dest), name, [Layer.from_entries(entries)], config)
+
+
+@attrs.frozen
+class WasmLayer:
+    """One raw-wasm layer of an artifact: the module's bytes are the blob, not in a tar."""
+
+    wasm: bytes
+    title: str = "module.wasm"  # org.opencontainers.image.title
+    media_type: str = MEDIA_WASM
+
+
+def wasm_artifact(
+    dest: Path,
+    name: str,
+    layers: list[WasmLayer],
+    *,
+    cncf_config: bool = False,
+    tar_layers: list[Layer] | None = None,
+    entrypoint: list[str] | None = None,
+) -> Path:
+    """An image whose wasm layers are raw WebAssembly blobs (not tars), after *tar_layers*.
+
+    With ``cncf_config`` False the config is an OCI image config (``application/vnd.oci.
+    image.config.v1+json``) saying ``architecture: wasm``, ``os: wasip1`` (``wasip2`` for a
+    component), ``Entrypoint`` *entrypoint*, and ``rootfs.diff_ids`` of the tar layers only:
+    the layout runwasi's oci-tar-builder writes. containerd 1.6.25+/1.7.7+/2.x unpack it by
+    skipping the wasm layers; 1.6.20 refuses it ("mismatched image rootfs and manifest
+    layers", containerd PR #9142).
+
+    With ``cncf_config`` True it is the CNCF wasm OCI artifact: config
+    ``application/vnd.wasm.config.v0+json`` (``architecture``, ``os``, ``layerDigests``), an
+    ``artifactType``, no diff_ids. ``ctr images import`` stores it (1.6: ``--no-unpack``), but
+    ``ctr run`` refuses its config type on every version ("unknown image config media type").
+    """
+    tar_layers = tar_layers or []
+    blobs: dict[str, bytes] = {}
+
+    def add_blob(data: bytes) -> str:
+        digest = _sha256(data)
+        blobs[digest] = data
+        return digest
+
+    descriptors: list[dict[str, Any]] = []
+    diff_ids = []
+    for layer in tar_layers:
+        raw = layer.tar_bytes()
+        diff_ids.append(_sha256(raw))
+        compressed = _gzip(raw)
+        descriptors.append(
+            {"mediaType": MEDIA_LAYER_GZIP, "digest": add_blob(compressed), "size": len(compressed)}
+        )
+    for wasm_layer in layers:
+        descriptors.append(
+            {
+                "mediaType": wasm_layer.media_type,
+                "digest": add_blob(wasm_layer.wasm),
+                "size": len(wasm_layer.wasm),
+                "annotations": {"org.opencontainers.image.title": wasm_layer.title},
+            }
+        )
+    component = any(w.wasm[:8] == _COMPONENT_HEADER for w in layers)
+    config: dict[str, Any] = {
+        "architecture": "wasm",
+        "os": "wasip2" if component else "wasip1",
+        "created": "2023-11-14T22:13:20Z",  # FIXED_MTIME
+    }
+    manifest: dict[str, Any] = {"schemaVersion": 2, "mediaType": MEDIA_MANIFEST}
+    if cncf_config:
+        config["layerDigests"] = [d["digest"] for d in descriptors[len(tar_layers) :]]
+        config_type = MEDIA_WASM_CONFIG
+        manifest["artifactType"] = ARTIFACT_COMPONENT if component else ARTIFACT_MODULE
+    else:
+        config["config"] = {"Entrypoint": entrypoint or [], "Cmd": []}
+        config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
+        config_type = MEDIA_CONFIG
+    config_bytes = _canonical_json(config)
+    manifest["config"] = {
+        "mediaType": config_type,
+        "digest": add_blob(config_bytes),
+        "size": len(config_bytes),
+    }
+    manifest["layers"] = descriptors
+    return _write_layout(Path(dest), name, blobs, _canonical_json(manifest), None)
 
 
 # ---------------------------------------------------------------------- busybox
@@ -377,10 +499,12 @@ def image_name(archive: Path) -> str:
     return index["manifests"][0]["annotations"][ANNOTATION_IMAGE_NAME]
 
 
-def import_image(ctrd: PrivateContainerd, archive: Path) -> str:
-    """``ctr images import`` the archive into ``ctrd`` (unpacked) and return the image name."""
+def import_image(ctrd: PrivateContainerd, archive: Path, *, unpack: bool = True) -> str:
+    """``ctr images import`` the archive into ``ctrd`` (unpacked unless not *unpack*) and
+    return the image name."""
     name = image_name(archive)
-    ctrd.ctr("images", "import", "--platform", host_platform(), str(archive), timeout=120)
+    flags = [] if unpack else ["--no-unpack"]
+    ctrd.ctr("images", "import", *flags, "--platform", host_platform(), str(archive), timeout=120)
     listed = ctrd.ctr("images", "ls", "-q").stdout.split()
     if name not in listed:
         raise RuntimeError(f"imported {archive} but {name!r} is not in `ctr images ls`: {listed}")
