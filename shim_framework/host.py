@@ -27,6 +27,8 @@ class Host:
     state_dir: Path  # scratch space of this shim for this backend
     process_exited: Callable[[str, str, int], None]  # (container_id, exec_id, status)
     oom: Callable[[str], None]  # container_id ran out of memory
+    # containerd's gRPC socket (the shim's -address): its content store, containers, images
+    grpc_address: str = ""
 
     def run(
         self,

@@ -6,8 +6,8 @@ Per container, the first rule that names a backend wins:
 2. crun's annotations: `run.oci.handler` (`wasm`, `krun`) and
    `module.wasm.image/variant` (`compat`; `compat-smart` only when the
    entrypoint is a wasm file);
-3. auto-detection: an installed, allowed backend recognises the entrypoint
-   file (the wasm backend: its magic bytes);
+3. auto-detection: an installed backend recognises the entrypoint file (the
+   wasm backend: its magic bytes);
 4. the runtime's `default_backend`;
 5. `runc`.
 
@@ -107,19 +107,15 @@ def _by_rules(
     if smart and _recognizes("wasm", entry, registry):
         return "wasm", f"annotation {WASM_VARIANT}=compat-smart and a wasm entrypoint"
     if entry is not None and not is_sandbox:
-        for name in _detectable(config, registry):
+        # Every installed backend is asked, allowed or not: a wasm entrypoint on a
+        # runc-only runtime is then refused by policy, saying why, instead of failing
+        # later as "exec format error".
+        for name in registry.names():
             if _recognizes(name, entry, registry):
                 return name, f"auto-detection of {entry.name}"
     if usable(config.default_backend):
         return config.default_backend, "the runtime's default_backend"
     return FALLBACK_BACKEND, "the built-in default"
-
-
-def _detectable(config: RuntimeConfig, registry: Registry) -> list[str]:
-    names = registry.names()
-    if config.allowed_backends is not None:
-        names = [n for n in names if n in config.allowed_backends]
-    return names
 
 
 def _recognizes(name: str, entry: Path, registry: Registry) -> bool:

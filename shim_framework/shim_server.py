@@ -44,7 +44,11 @@ def serve(flags: Flags, listener: socket.socket) -> None:
     ttrpc_address = os.environ.get("TTRPC_ADDRESS", flags.address + ".ttrpc")
     publisher = Publisher(ttrpc_address.removeprefix("unix://"), flags.namespace)
     service = TaskService(
-        namespace=flags.namespace, publisher=publisher, reaper=reaper, on_shutdown=stop.set
+        namespace=flags.namespace,
+        publisher=publisher,
+        reaper=reaper,
+        on_shutdown=stop.set,
+        grpc_address=flags.address,
     )
     reaper.on_exit = service.on_exit
     reaper.on_signal = lambda signum: stop.set()

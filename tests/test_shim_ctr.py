@@ -127,15 +127,27 @@ def test_terminal_run(containerd: PrivateContainerd, busybox: str):
 
 
 def test_missing_rootfs_is_a_clear_error(containerd: PrivateContainerd, tmp_path: Path):
+    result = containerd.ctr(
+        "run", "--rm", "--runtime", RUNTIME, "--rootfs", str(tmp_path / "nowhere"), "norootfs",
+        "sh", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "root filesystem" in result.stderr and "does not exist" in result.stderr
+    assert "norootfs" not in containerd.ctr("task", "ls").stdout
+
+
+def test_empty_rootfs_fails_naming_the_missing_program(
+    containerd: PrivateContainerd, tmp_path: Path
+):
     empty = tmp_path / "empty"
     empty.mkdir()
     result = containerd.ctr(
-        "run", "--rm", "--runtime", RUNTIME, "--rootfs", str(empty), "norootfs", "sh",
+        "run", "--rm", "--runtime", RUNTIME, "--rootfs", str(empty), "emptyroot", "sh",
         check=False,
     )  # fmt: skip
     assert result.returncode != 0
-    assert "root filesystem" in result.stderr and "is empty" in result.stderr
-    assert "norootfs" not in containerd.ctr("task", "ls").stdout
+    assert '"sh"' in result.stderr and "not found" in result.stderr
+    assert "emptyroot" not in containerd.ctr("task", "ls").stdout
 
 
 def test_unknown_backend_is_refused(containerd: PrivateContainerd, busybox: str):

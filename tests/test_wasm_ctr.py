@@ -308,15 +308,16 @@ def test_annotation_cannot_escape_allowed_backends(
     assert_nothing_left_of(containerd, "refused")
 
 
-def test_detection_does_not_pick_a_backend_outside_allowed_backends(
+def test_detected_wasm_is_refused_when_wasm_is_not_allowed(
     containerd: PrivateContainerd, wasm: str, tmp_path: Path
 ):
-    """allowed_backends = ["runc"] and no annotation: the wasm file goes to runc, which cannot
-    execute it; the error says so and nothing is left."""
+    """allowed_backends = ["runc"] and no annotation: the entrypoint is recognised as wasm and
+    refused by policy with the reason (not handed to runc); nothing is left."""
     opts = runtime_config(tmp_path, 'allowed_backends = ["runc"]\n')
     result = ctr_run(containerd, wasm, "notwasm", "/hello.wasm", opts=opts)
     assert result.returncode != 0
-    assert "exec format error" in result.stderr, result.stderr
+    assert 'backend "wasm"' in result.stderr and "not allowed" in result.stderr, result.stderr
+    assert "auto-detection of hello.wasm" in result.stderr
     assert result.stdout == ""
     assert_nothing_left_of(containerd, "notwasm")
 
@@ -649,14 +650,6 @@ def test_ctr_run_of_a_wasm_layer_image(
     if label == "1.6":
         imported = containerd.ctr("images", "import", str(archive), check=False)
         assert "mismatched image rootfs and manifest layers" in imported.stderr
-    if label == "2.1" and kind == "wasm-only":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="framework: task_service.check_rootfs refuses the empty snapshot an "
-                "image of wasm layers only unpacks to, before the wasm backend is chosen",
-            )
-        )
     image = import_image(containerd, archive, unpack=label != "1.6")
     wasm_runtime = runtime_config(tmp_path, 'default_backend = "wasm"\n')  # as a RuntimeClass
     result = ctr_run(containerd, image, "art", "/hello.wasm", "2", opts=wasm_runtime)

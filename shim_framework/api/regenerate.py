@@ -30,8 +30,10 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 # Relative to API_DIR. Only these get gRPC stubs.
 GRPC_PROTOS = frozenset(
     {
+        "services/containers/v1/containers.proto",
         "services/content/v1/content.proto",
         "services/events/v1/events.proto",
+        "services/images/v1/images.proto",
         "services/snapshots/v1/snapshots.proto",
     }
 )

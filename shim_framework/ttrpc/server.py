@@ -195,7 +195,8 @@ class _ServerConnection:
         except codec.RemoteProtocolError as e:
             log.warning("ttrpc: closing connection: %s", e)
         except OSError as e:
-            log.debug("ttrpc: connection error: %s", e)
+            if not self._closed:  # else: we closed it ourselves (shutdown)
+                log.debug("ttrpc: connection error: %s", e)
         finally:
             self.close()
             self._server._forget(self)
