@@ -16,8 +16,10 @@ bundle, no cgroup.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import select
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -485,12 +487,14 @@ def artifact(
     return wasm_artifact(tmp / "artifact.oci.tar", ARTIFACT, layers, **kw)
 
 
-def create_from_image(ctrd: PrivateContainerd, image: str, cid: str, rootfs: Path, *args: str):
+def create_from_image(
+    ctrd: PrivateContainerd, image: str, cid: str, rootfs: Path, *args: str, opts=()
+):
     """Make container *cid* from *image* with the directory *rootfs* as its rootfs, not a
     snapshot: what works where containerd cannot unpack the image (1.6.20) or ctr refuses its
     config type (the CNCF one): `ctr container create --rootfs`, then the containers API
     records the image (Containers/Update of `image`). `ctr task start` runs it."""
-    ctrd.ctr("container", "create", "--runtime", RUNTIME, *WASM, "--rootfs", str(rootfs),
+    ctrd.ctr("container", "create", "--runtime", RUNTIME, *WASM, *opts, "--rootfs", str(rootfs),
              cid, *args)  # fmt: skip
     api = Api(ctrd)
     try:
@@ -503,10 +507,10 @@ def create_from_image(ctrd: PrivateContainerd, image: str, cid: str, rootfs: Pat
 
 
 def start_from_image(
-    ctrd: PrivateContainerd, image: str, cid: str, rootfs: Path, *args: str
+    ctrd: PrivateContainerd, image: str, cid: str, rootfs: Path, *args: str, opts=()
 ) -> subprocess.CompletedProcess[str]:
     """`create_from_image`, `ctr task start` (attached), then delete task and container."""
-    create_from_image(ctrd, image, cid, rootfs, *args)
+    create_from_image(ctrd, image, cid, rootfs, *args, opts=opts)
     try:
         return ctrd.ctr("task", "start", cid, check=False, timeout=60)
     finally:
@@ -522,6 +526,19 @@ def rootfs_dir(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> tuple[Path, tuple[str, str]]:
+    """A cache_dir of the test's own (it keeps the stored wasm layers) and the ctr options
+    of a runtime config that names it."""
+    directory = tmp_path / "wasm-cache"
+    return directory, runtime_config(tmp_path, f'[backends.wasm]\ncache_dir = "{directory}"\n')
+
+
+def stored_layer(cache_dir: Path, wasm: bytes) -> Path:
+    """Where the shim keeps the wasm layer whose bytes are *wasm*."""
+    return cache_dir / oci.LAYER_DIR / f"sha256-{hashlib.sha256(wasm).hexdigest()}.wasm"
+
+
 @pytest.mark.parametrize(
     "media_type", [MEDIA_WASM, MEDIA_WASM_COMPONENT_LAYER, MEDIA_WASM_CONTENT_LAYER]
 )
@@ -531,19 +548,27 @@ def test_wasm_layer_runs_from_the_content_store(
     guests: dict[str, bytes],
     tmp_path: Path,
     rootfs_dir: Path,
+    cache_dir: tuple[Path, tuple[str, str]],
     media_type: str,
     cncf_config: bool,
 ):
     """The shim finds the container's image, reads its wasm layer from containerd's content
-    store and runs it (args[0]'s path ignored, argv as given); the copy it put in the rootfs
-    is gone after the delete. Works on 1.6 and 2.1, for either config type."""
+    store, keeps it in its own cache_dir (0600, never in the rootfs) and runs it (args[0]'s
+    path ignored, argv as given). Works on 1.6 and 2.1, for either config type."""
+    directory, opts = cache_dir
     archive = artifact(tmp_path, guests, ["hello"], media_type=media_type, cncf_config=cncf_config)
     image = import_image(containerd, archive, unpack=containerd.install.label != "1.6")
-    result = start_from_image(containerd, image, "art", rootfs_dir, "/app/hello.wasm", "6")
+    result = start_from_image(containerd, image, "art", rootfs_dir, "/app/hello.wasm", "6",
+                              opts=opts)  # fmt: skip
     assert result.returncode == 6, result.stderr
     assert result.stdout.startswith("argv[0]=/app/hello.wasm\nargv[1]=6\n"), result.stdout
     assert "runs wasm layer sha256:" in shim_log(containerd, "art")
-    assert sorted(p.name for p in rootfs_dir.iterdir()) == ["etc"]  # .polyshim removed
+    assert "(read from containerd: " in shim_log(containerd, "art")
+    stored = stored_layer(directory, guests["hello"])
+    assert stored.read_bytes() == guests["hello"]
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    assert stat.S_IMODE(stored.parent.stat().st_mode) == 0o700
+    assert sorted(p.name for p in rootfs_dir.iterdir()) == ["etc"]  # the rootfs untouched
     assert_nothing_left_of(containerd, "art")
 
 
@@ -584,40 +609,65 @@ def test_wasm_layer_without_args_and_a_layer_that_is_no_wasm(
     assert_nothing_left_of(containerd, "broken")
 
 
-def test_wasm_layer_is_never_written_through_a_symlink(
-    containerd: PrivateContainerd, guests: dict[str, bytes], tmp_path: Path, rootfs_dir: Path
+def test_stored_wasm_layer_is_checked_before_it_is_used_again(
+    containerd: PrivateContainerd,
+    guests: dict[str, bytes],
+    tmp_path: Path,
+    rootfs_dir: Path,
+    cache_dir: tuple[Path, tuple[str, str]],
 ):
-    """A rootfs whose /.polyshim is a symlink to a host directory: the shim refuses to put
-    the layer there, and the host directory stays untouched."""
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (rootfs_dir / ".polyshim").symlink_to(outside)
+    """A second container of the image runs the stored layer once its digest checks out; a
+    stored layer that no longer matches its digest is fetched and stored again, and the
+    container runs what the image holds."""
+    directory, opts = cache_dir
     image = import_image(containerd, artifact(tmp_path, guests, ["hello"]), unpack=False)
-    result = start_from_image(containerd, image, "sneaky", rootfs_dir, "/hello.wasm")
-    assert result.returncode != 0
-    assert f"cannot put wasm layer hello.wasm of {image} into the rootfs" in result.stderr
-    assert list(outside.iterdir()) == []
-    assert_nothing_left_of(containerd, "sneaky")
+    result = start_from_image(containerd, image, "first", rootfs_dir, "/hello.wasm", opts=opts)
+    assert result.returncode == 0, result.stderr
+    result = start_from_image(containerd, image, "again", rootfs_dir, "/hello.wasm", "4",
+                              opts=opts)  # fmt: skip
+    assert result.returncode == 4, result.stderr
+    assert "(stored before, digest checked: " in shim_log(containerd, "again")
+
+    stored = stored_layer(directory, guests["hello"])
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    result = start_from_image(containerd, image, "bad", rootfs_dir, "/hello.wasm", "5",
+                              opts=opts)  # fmt: skip
+    assert result.returncode == 5, result.stderr
+    assert f"stored wasm layer {stored}: its digest does not match; fetching it again" in (
+        containerd.log_text()
+    )
+    assert "(read from containerd: " in shim_log(containerd, "bad")
+    assert stored.read_bytes() == guests["hello"]
+    assert sorted(p.name for p in rootfs_dir.iterdir()) == ["etc"]
+    assert_nothing_left_of(containerd, "bad")
 
 
 def test_exec_into_a_wasm_layer_container(
-    containerd: PrivateContainerd, guests: dict[str, bytes], tmp_path: Path, rootfs_dir: Path
+    containerd: PrivateContainerd,
+    guests: dict[str, bytes],
+    tmp_path: Path,
+    rootfs_dir: Path,
+    cache_dir: tuple[Path, tuple[str, str]],
 ):
     """The init runs the image's wasm layer; an exec whose args[0] names no file of the
     rootfs runs the layer again (its own argv), one naming a file runs that file."""
+    directory, opts = cache_dir
     archive = artifact(tmp_path, guests, ["sleeper"])
     image = import_image(containerd, archive, unpack=False)
     (rootfs_dir / "hello.wasm").write_bytes(guests["hello"])
-    create_from_image(containerd, image, "c1", rootfs_dir, "/sleeper.wasm")
+    create_from_image(containerd, image, "c1", rootfs_dir, "/sleeper.wasm", opts=opts)
     containerd.ctr("task", "start", "-d", "c1")
     wait_for_status(containerd, "c1", "RUNNING")
-    [placed] = rootfs_dir.glob(f"{oci.PLACE_DIR}/*.wasm")
-    assert placed.read_bytes() == guests["sleeper"]
+    stored = stored_layer(directory, guests["sleeper"])
+    assert stored.read_bytes() == guests["sleeper"]
     result = containerd.ctr("task", "exec", "--exec-id", "e1", "c1", "/sleeper.wasm", "0")
     assert result.stdout == "sleeping 0\nwoke\n"
-    placed.unlink()  # as a guest may: the next exec puts it back
+    stored.unlink()  # gone from the shim's directory: the next exec fetches it again
     result = containerd.ctr("task", "exec", "--exec-id", "e2", "c1", "/app.wasm", "0")
     assert result.stdout == "sleeping 0\nwoke\n"
+    assert stored.read_bytes() == guests["sleeper"]
     result = containerd.ctr("task", "exec", "--exec-id", "e3", "c1", "/hello.wasm", "3",
                             check=False)  # fmt: skip
     assert (result.returncode, result.stdout.splitlines()[0]) == (3, "argv[0]=/hello.wasm")
@@ -637,7 +687,7 @@ def test_ctr_run_of_a_wasm_layer_image(
 
         image                          containerd 1.6.20          containerd 2.1.9
         OCI config, tar + wasm layer   ctr refuses to unpack      runs
-        OCI config, wasm layer only    ctr refuses to unpack      framework: empty rootfs
+        OCI config, wasm layer only    ctr refuses to unpack      runs (empty snapshot)
         CNCF config (wasm.config.v0)   ctr refuses to unpack      ctr refuses the config type
 
     1.6.20's client-side unpack compares diff_ids with all layers ("mismatched image rootfs

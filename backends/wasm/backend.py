@@ -9,7 +9,8 @@ environment is `process.env`, the rootfs is the guest's `/` (read-only when
 no meaning in WASI preview 1 (the guest's cwd is `/`, spec wasm.md §1.5);
 `process.terminal` is refused, WASI has no tty. When args[0] names no file in
 the rootfs and the container's image has a wasm layer (an OCI wasm artifact),
-that layer runs instead: `backends.wasm.oci`.
+that layer runs instead, from the backend's own copy (`<cache_dir>/layers`,
+never the rootfs): `backends.wasm.oci`.
 
 Processes: `create` makes the container's cgroup (`linux.cgroupsPath`, else
 `/polyshim/<namespace>/<id>`; one that already has processes is refused and
@@ -62,7 +63,8 @@ worker. The cgroup join dominates a warm Create on hosts with v1 controllers.
 
 Configuration, `[backends.wasm]`:
 
-    cache_dir = "/var/lib/polyshim/wasm-cache"  # precompiled artifacts; made 0700
+    cache_dir = "/var/lib/polyshim/wasm-cache"  # precompiled artifacts, and image wasm
+                                                # layers in layers/; made 0700
     setup_timeout = 120.0    # seconds a worker may take to prepare (compiling a big module)
 
 Resource handling: the framework owns the stdio fds. The backend owns, per
@@ -214,7 +216,7 @@ class _Record:
     cgroup: cgroups.Cgroup
     init: _Worker | None = None
     execs: dict[str, _Exec] = attrs.field(factory=dict)
-    layer: oci.Resolved | None = None  # the module is a wasm layer of the image (oci.py)
+    layer: oci.Resolved | None = None  # the init's module is a wasm layer of the image (oci.py)
 
 
 class WasmBackend(Backend):
@@ -280,14 +282,10 @@ class WasmBackend(Backend):
             raise FailedPrecondition(f"{what}: {problem}")
         rootfs = _rootfs(container)
         ns, cid = container.namespace, container.id
-        layer = oci.resolve(self.host, ns, cid, rootfs, container.process, what)
-        process = container.process if layer is None else layer.process
-        try:
-            plan = self._plan(what, container.spec, process, rootfs, exec_of_init=False)
-        except BaseException:
-            oci.remove(layer)
-            raise
-        plan = plan if layer is None else layer.plan(plan)
+        layer = oci.resolve(self.host, ns, cid, rootfs, container.process, what, self.cache_dir)
+        plan = self._plan(
+            what, container.spec, container.process, rootfs, exec_of_init=False, layer=layer
+        )
         linux = container.spec.get("linux") or {}
         path = _cgroup_path(linux.get("cgroupsPath"), container.namespace, container.id)
         cgroup = cgroups.create(path)
@@ -307,7 +305,6 @@ class WasmBackend(Backend):
             record.init = self._launch(what, plan, container.io, cgroup)
         except BaseException:
             _remove_cgroup(cgroup, what)
-            oci.remove(layer)
             raise
         with self._lock:
             self._records[container.id] = record
@@ -362,7 +359,6 @@ class WasmBackend(Backend):
         for w in workers:
             _stop(w)
         _remove_cgroup(record.cgroup, what)
-        oci.remove(record.layer)
         for w in workers:
             w.close()
         with self._lock:
@@ -391,9 +387,9 @@ class WasmBackend(Backend):
             raise Unimplemented(TERMINAL_MESSAGE)
         ns = self.host.namespace
         layer = oci.reuse(record.layer, self.host, ns, record.rootfs, process.process, what)
-        args = process.process if layer is None else layer.process
-        plan = self._plan(what, record.spec, args, record.rootfs, exec_of_init=True)
-        plan = plan if layer is None else layer.plan(plan)
+        plan = self._plan(
+            what, record.spec, process.process, record.rootfs, exec_of_init=True, layer=layer
+        )
         plan = attrs.evolve(plan, memory_usage_file=_memory_usage_file(record.cgroup))
         with self._lock:
             if process.exec_id in record.execs:
@@ -454,22 +450,28 @@ class WasmBackend(Backend):
         rootfs: str,
         *,
         exec_of_init: bool,
+        layer: oci.Resolved | None = None,
     ) -> worker.Plan:
-        """The worker's job for OCI *process*; InvalidArgument for what cannot work."""
-        args = [str(a) for a in process.get("args") or []]
-        if not args or not args[0]:
-            raise InvalidArgument(
-                f"{what}: process.args is empty; args[0] must name the module to run "
-                "(a .wasm file in the rootfs, optionally with #function)"
-            )
-        name, _, function = args[0].partition("#")
-        module = _module(what, rootfs, name)
-        with open(module, "rb") as f:
-            kind = cache.kind_of(f.read(8))
-        if kind is None:
-            raise InvalidArgument(
-                f"{what}: {name} is not a WebAssembly module or component (no wasm header)"
-            )
+        """The worker's job for OCI *process* (whose module is *layer*, an image's wasm
+        layer, when given); InvalidArgument for what cannot work."""
+        if layer is not None:
+            module, name, kind = layer.path, layer.name, layer.kind
+            function, argv = layer.function, layer.argv
+        else:
+            args = [str(a) for a in process.get("args") or []]
+            if not args or not args[0]:
+                raise InvalidArgument(
+                    f"{what}: process.args is empty; args[0] must name the module to run "
+                    "(a .wasm file in the rootfs, optionally with #function)"
+                )
+            name, _, function = args[0].partition("#")
+            module, argv = _module(what, rootfs, name), tuple(args)
+            with open(module, "rb") as f:
+                kind = cache.kind_of(f.read(8))
+            if kind is None:
+                raise InvalidArgument(
+                    f"{what}: {name} is not a WebAssembly module or component (no wasm header)"
+                )
         env = tuple(tuple(e.split("=", 1)) for e in process.get("env") or [] if "=" in e)
         user = process.get("user") or {}
         linux = spec.get("linux") or {}
@@ -483,7 +485,7 @@ class WasmBackend(Backend):
             name=name,
             kind=kind,
             function=function,
-            argv=tuple(args),
+            argv=argv,
             env=env,  # type: ignore[arg-type]
             rootfs=rootfs,
             readonly=bool((spec.get("root") or {}).get("readonly")),
@@ -499,6 +501,7 @@ class WasmBackend(Backend):
             umask=user.get("umask") if isinstance(user.get("umask"), int) else None,
             rlimits=_rlimits(process.get("rlimits") or (), what),
             die_with_init=exec_of_init,
+            layer=layer is not None,
         )
 
     def _launch(

@@ -19,8 +19,9 @@ Theory of operation
 -------------------
 When a container's `process.args[0]` names no file in its rootfs (or args is
 empty), the backend asks `resolve` before it gives up. `resolve` asks
-containerd, over its gRPC API at the address the shim was given, which image
-the container was made from (`Containers/Get` -> `Container.image`), where that
+containerd, over its gRPC API at `Host.grpc_address` (the shim's `-address`;
+the `containerd-namespace` header names the namespace), which image the
+container was made from (`Containers/Get` -> `Container.image`), where that
 image's content starts (`Images/Get` -> `Image.target`), reads the manifest
 (through an index: the first manifest with wasm layers, `architecture: wasm`
 first) and the wasm layer (`Content/Read`), and checks its digest. With one
@@ -30,28 +31,34 @@ whose `org.opencontainers.image.title` is args[0]'s file name runs. The
 (`/<title>` when it is empty), and messages name the module as args[0] does.
 An exec process whose args[0] names no file in the rootfs runs the init's
 layer the same way (`reuse`).
-No image, no wasm layer, or no containerd to ask: `resolve` returns None and
-the backend reports the missing module as always. A file args[0] names in the
-rootfs always wins, so an ordinary image costs no gRPC call at all (the lookup
-and the 0.2 s `import grpc` happen only for artifacts).
+No image, or no wasm layer: `resolve` returns None and the backend reports
+the missing module as always. No containerd address (a Host made without
+one): FailedPrecondition naming the module and the missing address. A file
+args[0] names in the rootfs always wins, so an ordinary image costs no gRPC
+call at all (the lookup and the 0.2 s `import grpc` happen only for
+artifacts).
 
-The worker reads a module only from inside the rootfs
-(`worker._read_module`), so the layer is written there: PLACE_DIR/<digest>.wasm,
-mode 0444, through fds opened without following symlinks (the rootfs is the
-image's, and may hold any symlink); the guest can see it there. Exec
-processes reuse it (re-placed if the guest removed it). `remove` deletes it
-when the container is deleted; a shim that dies leaves it in the rootfs,
-which containerd removes with the container's snapshot.
+Where the module is kept: in the shim's own directory, never in the rootfs.
+The checked bytes go to LAYER_DIR in the backend's compile cache directory
+(`<cache_dir>/layers/<algorithm>-<hex>.wasm`; the cache directory is 0700
+and the backend's, `cache.directory_problem`), mode 0600, written under a
+temporary name and renamed, so a reader sees no partial file. The worker
+loads that host path directly (`worker.Plan.layer`); the guest does not see
+the file, and its argv still names the module as args[0] does. A stored
+file is used again only after its digest is checked again (a bad one is
+fetched and written anew), so a later create of the same image reads the
+manifest from containerd but not the layer, and an exec asks containerd
+nothing. Nothing removes stored layers: like the compile cache, one file per
+distinct layer, kept after the container is deleted.
 
 Where it works (measured with ctr, see tests/test_wasm_ctr.py):
 
     containerd 2.1.9   `ctr images import` + `ctr run` of an OCI-config image
-                       with a tar layer besides the wasm layer: works. An image
-                       of wasm layers only unpacks to an empty snapshot, which
-                       the framework refuses ("root filesystem ... is empty")
-                       before a backend is chosen. The CNCF config type: ctr
-                       refuses it client-side ("unknown image config media
-                       type"); a container made through the containers API works.
+                       works, with a tar layer besides the wasm layer or with
+                       wasm layers only (those unpack to an empty snapshot).
+                       The CNCF config type: ctr refuses it client-side
+                       ("unknown image config media type"); a container made
+                       through the containers API works.
     containerd 1.6.20  ctr's unpack refuses every raw-wasm layer ("mismatched
                        image rootfs and manifest layers"; fixed in 1.6.25 and
                        1.7.7, containerd PR #9142). `ctr images import
@@ -61,16 +68,6 @@ Where it works (measured with ctr, see tests/test_wasm_ctr.py):
 Selection's auto-detection cannot see a layer: such a container needs
 `io.polyshim.backend=wasm` (or `run.oci.handler=wasm`), or a runtime whose
 `default_backend` is wasm (a RuntimeClass for wasm images).
-
-The containerd address: TEMPORARY until the framework's `Host` carries it
-(asked of the lead): `Host.grpc_address` when present, else GRPC_ADDRESS
-(containerd 1.7+ and 2.x set it for shims), else the `-address` flag on the
-shim server's command line (containerd 1.6 sets only that; a server forked
-from the template shows the same command line, template.py).
-
-The messages of containerd.services.{containers,images}.v1 are not in
-shim_framework/api yet: TEMPORARY minimal decoders below (`_fields`) read the
-three fields used, until the lead adds the protos (asked).
 """
 
 from __future__ import annotations
@@ -79,6 +76,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
 import threading
 from collections.abc import Mapping
@@ -121,11 +119,20 @@ MANIFEST_TYPES = frozenset(
     }
 )
 TITLE = "org.opencontainers.image.title"
-PLACE_DIR = ".polyshim/wasm"  # in the rootfs
+LAYER_DIR = "layers"  # in the backend's cache directory: the stored wasm layers
 NAMESPACE_HEADER = "containerd-namespace"
 CALL_TIMEOUT = 30.0  # seconds for each containerd call
 MAX_DOCUMENT = 4 << 20  # a manifest or index larger than this is not one
 MAX_MODULE = 1 << 30
+CHUNK = 1 << 20
+
+CONTAINERS_GET = "/containerd.services.containers.v1.Containers/Get"
+IMAGES_GET = "/containerd.services.images.v1.Images/Get"
+CONTENT_READ = "/containerd.services.content.v1.Content/Read"
+
+# The digest algorithms of the OCI image spec that a layer may use, with their hex lengths.
+_DIGEST = re.compile(r"(sha256|sha384|sha512):([0-9a-f]+)")
+_HEX_LENGTH = {"sha256": 64, "sha384": 96, "sha512": 128}
 
 
 @attrs.frozen
@@ -141,18 +148,15 @@ class Layer:
 
 @attrs.frozen
 class Resolved:
-    """A container process whose module is an image layer, placed in the rootfs."""
+    """A container process whose module is an image's wasm layer, stored and checked by
+    the shim in its own directory."""
 
     layer: Layer
-    host_path: str  # the placed copy, inside the rootfs
-    guest_path: str  # the same file as the guest sees it
-    process: Mapping[str, Any]  # the OCI process for the backend: args[0] names the copy
-    argv: tuple[str, ...]  # what the guest gets as argv: process.args as given
+    path: str  # host path of the stored, checked module: <cache_dir>/LAYER_DIR/<file>
+    kind: str  # cache.MODULE or cache.COMPONENT
+    argv: tuple[str, ...] = ()  # what the guest gets as argv: process.args as given
     name: str = ""  # the module in messages: args[0]'s path as given (else /<layer title>)
-
-    def plan(self, plan: Any) -> Any:
-        """The worker's plan, made for `process`, with the guest's argv and this name."""
-        return attrs.evolve(plan, argv=self.argv, name=self.name)
+    function: str = ""  # args[0]'s "#function"; "" for the default entry
 
 
 def resolve(
@@ -162,28 +166,33 @@ def resolve(
     rootfs: str,
     process: Mapping[str, Any],
     what: str,
+    cache_dir: str,
 ) -> Resolved | None:
-    """The image layer to run for the init *process*, placed in *rootfs*; None when args[0]
-    names a file in the rootfs (the ordinary case) or the container's image has no wasm layer.
+    """The image layer to run for the init *process*, stored in *cache_dir*; None when
+    args[0] names a file in the rootfs (the ordinary case) or the container's image has no
+    wasm layer.
 
-    InvalidArgument: several wasm layers and none named by args[0]; Unavailable: containerd
-    failed to answer; FailedPrecondition: the rootfs cannot take the copy."""
+    InvalidArgument: several wasm layers and none named by args[0], or a layer that is no
+    WebAssembly; Unavailable: containerd failed to answer; FailedPrecondition: no containerd
+    address, or the layer cannot be stored. Without a containerd address (a backend used
+    outside a shim) there is no image to look at: None."""
     args = [str(a) for a in process.get("args") or []]
     path, _, function = (args[0] if args else "").partition("#")
     if path and _names_a_file(rootfs, path):
         return None
-    address = grpc_address(host)
-    if not address:
-        log.info("%s: no containerd address known; cannot look for wasm image layers", what)
-        return None
+    if not host.grpc_address:
+        return None  # no containerd to ask (in-process use): the missing module is reported
+    missing = (
+        f"module {path}: no such file in the container's rootfs"
+        if path
+        else "process.args is empty (no module named)"
+    )
+    address = _address(host, f"{what}: {missing}, and looking for a wasm layer of its image")
     try:
-        found = _find_layer(address, namespace, container_id, path, what)
+        found = _find_layer(address, namespace, container_id, path, what, cache_dir)
     except Unavailable as e:
         raise Unavailable(f"{what}: {e}") from e
-    if found is None:
-        return None
-    layer, data = found
-    return _with_process(_resolved(rootfs, layer, data, what), process, args, function)
+    return None if found is None else _with_process(found, args, function)
 
 
 def reuse(
@@ -195,54 +204,32 @@ def reuse(
     what: str,
 ) -> Resolved | None:
     """For an exec *process* of a container whose init runs layer *init*: that layer, unless
-    args[0] names a file in the rootfs (then None, as for any exec). Placed again if the
-    guest removed the copy."""
+    args[0] names a file in the rootfs (then None, as for any exec). The stored file is
+    checked again, and fetched again if it fails the check."""
     args = [str(a) for a in process.get("args") or []]
     path, _, function = (args[0] if args else "").partition("#")
     if init is None or (path and _names_a_file(rootfs, path)):
         return None
-    if not _names_a_file(rootfs, init.guest_path):
-        init = _resolved(rootfs, init.layer, _fetch(host, namespace, init.layer), what)
-    return _with_process(init, process, args, function)
-
-
-def remove(resolved: Resolved | None) -> None:
-    """Delete the placed copy (and PLACE_DIR when empty); never fails."""
-    if resolved is None:
-        return
-    try:
-        os.unlink(resolved.host_path)
-    except OSError:
-        pass
-    directory = os.path.dirname(resolved.host_path)
-    for _ in PLACE_DIR.split("/"):
+    if _verified(init.path, init.layer) is None:
+        address = _address(host, f"{what}: fetching wasm layer {init.layer.digest} again")
         try:
-            os.rmdir(directory)
-        except OSError:
-            return
-        directory = os.path.dirname(directory)
+            kind = _fetch_again(address, namespace, init.layer, init.path, what)
+        except Unavailable as e:
+            raise Unavailable(f"{what}: {e}") from e
+        init = attrs.evolve(init, kind=kind)
+    return _with_process(init, args, function)
 
 
-def grpc_address(host: Any) -> str:
-    """containerd's gRPC socket path (TEMPORARY fallbacks: module docstring)."""
-    address = getattr(host, "grpc_address", "") or os.environ.get("GRPC_ADDRESS", "")
-    return (address or _address_flag()).removeprefix("unix://")
-
-
-def _address_flag() -> str:
-    try:
-        with open("/proc/self/cmdline", "rb") as f:
-            argv = f.read().decode(errors="replace").split("\0")
-    except OSError:
-        return ""
-    for i, arg in enumerate(argv):
-        name, eq, value = arg.lstrip("-").partition("=")
-        if arg.startswith("-") and name == "address":
-            return value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
-    return ""
-
-
-# -- placing the module in the rootfs -----------------------------------------------------------
+def _address(host: Any, why: str) -> str:
+    """containerd's gRPC socket path; FailedPrecondition (saying *why* it was needed) when
+    the backend was given none."""
+    address = str(host.grpc_address or "").removeprefix("unix://")
+    if not address:
+        raise FailedPrecondition(
+            f"{why} needs containerd's gRPC address, which the wasm backend was not given "
+            "(Host.grpc_address is empty: the shim's -address flag)"
+        )
+    return address
 
 
 def _names_a_file(rootfs: str, path: str) -> bool:
@@ -252,129 +239,197 @@ def _names_a_file(rootfs: str, path: str) -> bool:
         return False
 
 
-def _resolved(rootfs: str, layer: Layer, data: bytes, what: str) -> Resolved:
-    if cache.kind_of(data[:8]) is None:
+def _with_process(resolved: Resolved, args: list[str], function: str) -> Resolved:
+    name = (args[0].partition("#")[0] if args else "") or "/" + resolved.layer.title
+    argv = tuple(args) if args else (name,)
+    return attrs.evolve(resolved, argv=argv, name=name, function=function)
+
+
+# -- the stored layers ---------------------------------------------------------------------------
+
+
+def _layer_path(cache_dir: str, layer: Layer, what: str) -> str:
+    """Where *layer* is kept: LAYER_DIR in *cache_dir* (made 0700 if missing), canonical."""
+    parts = _digest(layer)
+    if parts is None:
+        raise InvalidArgument(
+            f"{what}: wasm layer {layer.title} of image {layer.image} has digest "
+            f"{layer.digest!r}, which is not a sha256, sha384 or sha512 digest"
+        )
+    directory = os.path.join(os.path.realpath(cache_dir), LAYER_DIR)
+    try:
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(directory)
+    except OSError as e:
+        raise FailedPrecondition(f"{what}: cannot make {directory}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise FailedPrecondition(
+            f"{what}: {directory} must be a directory owned by uid {os.geteuid()} with mode "
+            "0700 (the wasm backend keeps image wasm layers there); fix or remove it"
+        )
+    algorithm, hexdigest = parts
+    return os.path.join(directory, f"{algorithm}-{hexdigest}.wasm")
+
+
+def _digest(layer: Layer) -> tuple[str, str] | None:
+    """(algorithm, hex) of the layer's digest; None if it is not one this backend checks."""
+    match = _DIGEST.fullmatch(layer.digest)
+    if match is None or len(match[2]) != _HEX_LENGTH[match[1]]:
+        return None
+    return match[1], match[2]
+
+
+def _verified(path: str, layer: Layer) -> str | None:
+    """The kind of the stored file at *path* (cache.MODULE or cache.COMPONENT) when it is
+    ours and holds exactly *layer*; None when it is missing or fails a check."""
+    parts = _digest(layer)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # missing; ELOOP: a symlink, which we never write
+        return None
+    try:
+        st = os.fstat(fd)
+        if (
+            parts is None
+            or not stat.S_ISREG(st.st_mode)
+            or st.st_uid != os.geteuid()
+            or st.st_mode & 0o077
+            or st.st_size != layer.size
+        ):
+            problem = "not a regular 0600 file of ours, or of another size"
+        else:
+            digest = hashlib.new(parts[0])
+            header = os.pread(fd, 8, 0)
+            offset = 0
+            while chunk := os.pread(fd, CHUNK, offset):
+                digest.update(chunk)
+                offset += len(chunk)
+            if offset == layer.size and digest.hexdigest() == parts[1]:
+                return cache.kind_of(header)
+            problem = "its digest does not match"
+    except OSError as e:
+        problem = f"cannot read it: {e.strerror}"
+    finally:
+        os.close(fd)
+    log.warning("stored wasm layer %s: %s; fetching it again", path, problem)
+    return None
+
+
+def _store(path: str, data: bytes) -> None:
+    """Write *data* to *path* atomically: a 0600 temporary file in the same directory, then
+    renamed over whatever was there. No fsync: a file a crash left short fails `_verified`."""
+    directory, name = os.path.split(path)
+    temporary = os.path.join(directory, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temporary, flags, 0o600)  # one of ours left by a dead writer: truncated
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        os.unlink(temporary)
+        raise
+    os.close(fd)
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _keep(channel: Any, metadata: Any, layer: Layer, path: str, what: str) -> str:
+    """Read *layer* from the content store, check it is WebAssembly and store it at *path*;
+    its kind (cache.MODULE or cache.COMPONENT)."""
+    data = _read_layer(channel, metadata, layer)
+    kind = cache.kind_of(data[:8])
+    if kind is None:
         raise InvalidArgument(
             f"{what}: wasm layer {layer.title} ({layer.digest}) of image {layer.image} is not "
             "a WebAssembly module or component (no wasm header)"
         )
-    name = layer.digest.split(":", 1)[-1] + ".wasm"
     try:
-        _place(rootfs, name, data)
+        _store(path, data)
     except OSError as e:
         raise FailedPrecondition(
-            f"{what}: cannot put wasm layer {layer.title} of {layer.image} into the rootfs at "
-            f"/{PLACE_DIR}: {e.strerror}; the wasm backend runs an image's wasm layer from "
-            "there, so the rootfs must be writable on the host (root.readonly is fine)"
+            f"{what}: cannot store wasm layer {layer.title} of {layer.image} at {path}: "
+            f"{e.strerror}"
         ) from None
-    return Resolved(
-        layer=layer,
-        host_path=os.path.join(rootfs, PLACE_DIR, name),
-        guest_path=f"/{PLACE_DIR}/{name}",
-        process={},
-        argv=(),
-    )
-
-
-def _with_process(
-    resolved: Resolved, process: Mapping[str, Any], args: list[str], function: str
-) -> Resolved:
-    entry = resolved.guest_path + (f"#{function}" if function else "")
-    changed = dict(process)
-    changed["args"] = [entry, *args[1:]]
-    name = (args[0].partition("#")[0] if args else "") or "/" + resolved.layer.title
-    argv = tuple(args) if args else (name,)
-    return attrs.evolve(resolved, process=changed, argv=argv, name=name)
-
-
-def _place(rootfs: str, name: str, data: bytes) -> None:
-    """Write *data* to PLACE_DIR/*name* in *rootfs*, never following a symlink of the rootfs:
-    each directory is opened with O_NOFOLLOW relative to the last, the file is written under
-    a temporary name and renamed over whatever was there."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(rootfs, flags)
-    try:
-        for part in PLACE_DIR.split("/"):
-            try:
-                os.mkdir(part, 0o755, dir_fd=fd)
-            except FileExistsError:
-                pass
-            parent, fd = fd, os.open(part, flags, dir_fd=fd)  # ELOOP for a symlink
-            os.close(parent)
-        temporary = f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
-        out = os.open(
-            temporary,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o444,
-            dir_fd=fd,
-        )
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(out, view) :]
-            os.fchmod(out, 0o444)  # whatever the umask
-        except BaseException:
-            os.close(out)
-            os.unlink(temporary, dir_fd=fd)
-            raise
-        os.close(out)
-        os.rename(temporary, name, src_dir_fd=fd, dst_dir_fd=fd)
-        if not stat.S_ISREG(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
-            raise OSError(0, "not a regular file after the rename")
-    finally:
-        os.close(fd)
+    log.info("%s: stored wasm layer %s of image %s (%d bytes)", what, layer.digest,
+             layer.image, len(data))  # fmt: skip
+    return kind
 
 
 # -- asking containerd ---------------------------------------------------------------------------
 
 
 def _find_layer(
-    address: str, namespace: str, container_id: str, path: str, what: str
-) -> tuple[Layer, bytes] | None:
-    """The container's image's wasm layer for *path* and its bytes; None without one."""
+    address: str, namespace: str, container_id: str, path: str, what: str, cache_dir: str
+) -> Resolved | None:
+    """The container's image's wasm layer for *path*, stored and checked; None without one."""
     import grpc  # 0.2 s: only ever paid for wasm images whose module is a layer
 
+    from shim_framework.api.services.containers.v1 import containers_pb2, containers_pb2_grpc
+    from shim_framework.api.services.images.v1 import images_pb2, images_pb2_grpc
+
     metadata = ((NAMESPACE_HEADER, namespace),)
-    with grpc.insecure_channel(f"unix://{address}") as channel:
-
-        def call(method: str, request: bytes) -> bytes:
-            try:
-                return channel.unary_unary(method)(request, metadata=metadata, timeout=CALL_TIMEOUT)
-            except grpc.RpcError as e:
-                raise _rpc_error(e, method) from None
-
-        answer = call(_CONTAINERS_GET, _message((1, container_id)))
-        image = _string(_one(_one(answer, 1), 3))  # GetContainerResponse.container.image
+    with grpc.insecure_channel(f"unix:{address}") as channel:
+        request = containers_pb2.GetContainerRequest(id=container_id)
+        stub = containers_pb2_grpc.ContainersStub(channel)
+        image = _call(stub.Get, request, metadata, CONTAINERS_GET).container.image
         if not image:
             log.info("%s: no image recorded for the container; no wasm layers to look for", what)
             return None
         try:
-            answer = call(_IMAGES_GET, _message((1, image)))
+            stub = images_pb2_grpc.ImagesStub(channel)
+            answer = _call(stub.Get, images_pb2.GetImageRequest(name=image), metadata, IMAGES_GET)
         except NotFound:
             log.info("%s: image %s is gone; no wasm layers to look for", what, image)
             return None
-        target = _descriptor(_one(_one(answer, 1), 3))  # GetImageResponse.image.target
-        layers = _wasm_layers(channel, metadata, image, target)
+        target = answer.image.target
+        descriptor = {"media_type": target.media_type, "digest": target.digest}
+        layers = _wasm_layers(channel, metadata, image, descriptor)
         if not layers:
             return None
         layer = _choose(layers, path, image, what)
-        data = _read_layer(channel, metadata, layer)
-    log.info("%s: runs wasm layer %s of image %s (%d bytes)", what, layer.digest, image, len(data))
-    return layer, data
+        stored = _layer_path(cache_dir, layer, what)
+        kind = _verified(stored, layer)
+        how = "stored before, digest checked"
+        if kind is None:
+            kind, how = _keep(channel, metadata, layer, stored, what), "read from containerd"
+    log.info("%s: runs wasm layer %s of image %s (%s: %s)", what, layer.digest, image, how, stored)
+    return Resolved(layer=layer, path=stored, kind=kind)
 
 
-def _fetch(host: Any, namespace: str, layer: Layer) -> bytes:
-    """The bytes of *layer* again (an exec whose copy the guest removed)."""
+def _fetch_again(address: str, namespace: str, layer: Layer, path: str, what: str) -> str:
+    """Read *layer* again and store it at *path* (an exec whose stored copy went bad)."""
     import grpc
 
-    metadata = ((NAMESPACE_HEADER, namespace),)
-    with grpc.insecure_channel(f"unix://{grpc_address(host)}") as channel:
-        return _read_layer(channel, metadata, layer)
+    with grpc.insecure_channel(f"unix:{address}") as channel:
+        return _keep(channel, ((NAMESPACE_HEADER, namespace),), layer, path, what)
+
+
+def _call(method: Any, request: Any, metadata: Any, name: str) -> Any:
+    import grpc
+
+    try:
+        return method(request, metadata=metadata, timeout=CALL_TIMEOUT)
+    except grpc.RpcError as e:
+        raise _rpc_error(e, name) from None
 
 
 def _read_layer(channel: Any, metadata: Any, layer: Layer) -> bytes:
     data = _read(channel, metadata, layer.digest, layer.size, MAX_MODULE)
-    if len(data) != layer.size or "sha256:" + hashlib.sha256(data).hexdigest() != layer.digest:
+    parts = _digest(layer)
+    if (
+        parts is None
+        or len(data) != layer.size
+        or hashlib.new(parts[0], data).hexdigest() != parts[1]
+    ):
         raise Unavailable(f"image {layer.image}: layer {layer.digest} read back other content")
     return data
 
@@ -388,8 +443,7 @@ def _wasm_layers(channel: Any, metadata: Any, image: str, target: dict[str, Any]
         entries = [m for m in index.get("manifests") or [] if isinstance(m, dict)]
         entries.sort(key=lambda m: (m.get("platform") or {}).get("architecture") != "wasm")
         candidates = [
-            {"media_type": m.get("mediaType", ""), "digest": m.get("digest", ""), "size": 0}
-            for m in entries
+            {"media_type": m.get("mediaType", ""), "digest": m.get("digest", "")} for m in entries
         ]
     for candidate in candidates:
         if candidate["media_type"] not in MANIFEST_TYPES:
@@ -454,7 +508,7 @@ def _read(channel: Any, metadata: Any, digest: str, size: int, limit: int) -> by
                 raise InvalidArgument(f"blob {digest}: more than the {limit} bytes allowed")
             chunks.append(chunk.data)
     except grpc.RpcError as e:
-        raise _rpc_error(e, "/containerd.services.content.v1.Content/Read") from None
+        raise _rpc_error(e, CONTENT_READ) from None
     return b"".join(chunks)
 
 
@@ -465,87 +519,3 @@ def _rpc_error(error: Any, method: str) -> PolyshimError:
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFound(f"{method}: {details}")
     return Unavailable(f"containerd's {method} failed: {code.name}: {details}")
-
-
-# -- TEMPORARY: containerd.services.{containers,images}.v1 without generated code ---------------
-# Until shim_framework/api has containers.proto, images.proto and types/descriptor.proto: the
-# request is one string field; of the answers only these fields are read:
-#   GetContainerResponse.container = 1 -> Container.image = 3 (string)
-#   GetImageResponse.image = 1 -> Image.target = 3 -> Descriptor.media_type = 1, digest = 2,
-#   size = 3 (int64)
-
-_CONTAINERS_GET = "/containerd.services.containers.v1.Containers/Get"
-_IMAGES_GET = "/containerd.services.images.v1.Images/Get"
-
-
-def _message(*fields: tuple[int, str]) -> bytes:
-    out = bytearray()
-    for number, value in fields:
-        data = value.encode()
-        out += _varint(number << 3 | 2) + _varint(len(data)) + data
-    return bytes(out)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _fields(data: bytes) -> dict[int, list[bytes | int]]:
-    """Every field of a protobuf message: number -> values (bytes or int)."""
-    found: dict[int, list[bytes | int]] = {}
-    i = 0
-
-    def varint() -> int:
-        nonlocal i
-        value = shift = 0
-        while True:
-            if i >= len(data):
-                raise Unavailable("containerd answered with a truncated message")
-            byte = data[i]
-            i += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return value
-
-    while i < len(data):
-        key = varint()
-        number, kind = key >> 3, key & 7
-        value: bytes | int
-        if kind == 0:
-            value = varint()
-        elif kind == 2:
-            length = varint()
-            value, i = data[i : i + length], i + length
-        elif kind in (1, 5):
-            width = 8 if kind == 1 else 4
-            value, i = int.from_bytes(data[i : i + width], "little"), i + width
-        else:
-            raise Unavailable(f"containerd answered with an unknown wire type {kind}")
-        found.setdefault(number, []).append(value)
-    return found
-
-
-def _one(data: bytes | int, number: int) -> bytes:
-    values = _fields(data if isinstance(data, bytes) else b"").get(number) or [b""]
-    value = values[-1]
-    return value if isinstance(value, bytes) else b""
-
-
-def _string(data: bytes) -> str:
-    return data.decode(errors="replace")
-
-
-def _descriptor(data: bytes) -> dict[str, Any]:
-    fields = _fields(data)
-    size = (fields.get(3) or [0])[-1]
-    return {
-        "media_type": _string(_one(data, 1)),
-        "digest": _string(_one(data, 2)),
-        "size": size if isinstance(size, int) else 0,
-    }

@@ -21,9 +21,11 @@ Fds, as `Reaper.fork` installs them:
     8        exec workers only: a pidfd of the container's init
 
 Steps: wait for J (so everything from here is charged to the container's
-cgroup); prepare — read the module, load it through the compile cache, check
-the entry point, link WASI, build the store with its limits; report ok or the
-error (the backend's `create` raises it); wait for S; make 3-5 the guest's
+cgroup); prepare — read the module (a file of the rootfs, or an image's wasm
+layer the backend stored and checked in its own directory: `Plan.layer`),
+load it through the compile cache, check the entry point, link WASI, build
+the store with its limits; report ok or the error (the backend's `create`
+raises it); wait for S; make 3-5 the guest's
 stdio 0-2; apply rlimits and user; load the seccomp program (the backend
 compiled the profile to BPF); instantiate and run; exit with the status below.
 Instantiation waits for S, because it may run guest code (a start function).
@@ -75,6 +77,7 @@ import os
 import resource
 import select
 import signal
+import stat
 import threading
 import time
 from typing import Any
@@ -110,7 +113,7 @@ BACKTRACE_LINES = 30  # of a trap's message on the guest's stderr
 class Plan:
     """One worker's job, decided by the backend before the fork."""
 
-    module: str  # host path of the module, inside the rootfs
+    module: str  # host path of the module: inside the rootfs, or (layer) the shim's own copy
     name: str  # the module as the spec names it (args[0] without "#function")
     kind: str  # cache.MODULE or cache.COMPONENT
     function: str  # "" for the default entry
@@ -128,6 +131,9 @@ class Plan:
     umask: int | None = None
     rlimits: tuple[tuple[int, int, int], ...] = ()  # (RLIMIT_*, soft, hard)
     die_with_init: bool = False  # exec workers: INIT_PIDFD is the init's pidfd
+    # module is an image's wasm layer the backend stored and checked in its own directory
+    # (backends.wasm.oci), not a file of the rootfs
+    layer: bool = False
 
 
 class GuestExit(BaseException):
@@ -200,15 +206,23 @@ def _prepare(plan: Plan) -> _Prepared:
 
 
 def _read_module(plan: Plan) -> bytes:
-    """The module's bytes; never from outside the rootfs, even if the rootfs changed since
-    the backend resolved the path (a running guest can make symlinks in it)."""
+    """The module's bytes. A file of the rootfs is never read from outside it, even if the
+    rootfs changed since the backend resolved the path (a running guest can make symlinks in
+    it); an image's wasm layer (`plan.layer`) only from a file of the shim's own that nobody
+    else may write (the backend checked its digest)."""
     try:
         fd = os.open(plan.module, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
         raise InvalidArgument(f"{plan.name}: cannot open the module: {e.strerror}") from None
     try:
-        real = os.readlink(f"/proc/self/fd/{fd}")
-        if not real.startswith(plan.rootfs.rstrip("/") + "/"):
+        if plan.layer:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                raise InvalidArgument(
+                    f"{plan.name}: the stored wasm layer {plan.module} is not a file of the "
+                    "shim's own"
+                )
+        elif not os.readlink(f"/proc/self/fd/{fd}").startswith(plan.rootfs.rstrip("/") + "/"):
             raise InvalidArgument(f"{plan.name}: the module is outside the container's rootfs")
         chunks = []
         while chunk := os.read(fd, 1 << 20):
