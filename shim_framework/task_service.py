@@ -601,7 +601,7 @@ class TaskService:
             self._oom.unwatch(task.id)
         if task.mounted:
             mounts.unmount_all(task.rootfs)
-        mark_deleted(task.bundle)
+        mark_deleted(task.bundle, init.pid)
         with self._lock:
             self._tasks.pop(task.id, None)
         self.publisher.publish(
@@ -833,13 +833,9 @@ def decode_json_any(value: any_pb2.Any, what: str) -> dict[str, Any]:
     return decoded
 
 
-def mark_deleted(bundle: Path) -> None:
+def mark_deleted(bundle: Path, pid: int) -> None:
     """Tell the `delete` action that containerd runs next: nothing is left to clean."""
-    state = bootstrap.read_state(str(bundle))
-    if state is None:
-        return
-    state["deleted"] = True
     try:
-        bootstrap.write_state(str(bundle), state)
+        bootstrap.mark_deleted(str(bundle), pid)
     except OSError as e:
         log.debug("bundle %s: cannot mark deleted: %s", bundle, e)

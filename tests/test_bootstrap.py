@@ -49,6 +49,17 @@ def test_group_comes_from_pod_annotations(tmp_path: Path) -> None:
     assert bootstrap.group_id(str(tmp_path), "c1") == "c1"
     (tmp_path / "config.json").write_text('{"annotations": {}}')
     assert bootstrap.group_id(str(tmp_path), "c1") == "c1"
+    # Spacing, precedence, escapes and repeats as JSON allows them.
+    cases = {
+        '{"annotations": {"io.kubernetes.cri.sandbox-id" :  "pod-2"}}': "pod-2",
+        '{"annotations": {"io.kubernetes.cri.sandbox-id": "p", "io.polyshim.group": "g"}}': "g",
+        r'{"annotations": {"io.kubernetes.cri.sandbox-id": "a\"b"}}': 'a"b',
+        '{"process": {"args": ["io.kubernetes.cri.sandbox-id"]}, '
+        '"annotations": {"io.kubernetes.cri.sandbox-id": "pod-3"}}': "pod-3",
+    }
+    for text, group in cases.items():
+        (tmp_path / "config.json").write_text(text)
+        assert bootstrap.group_id(str(tmp_path), "c1") == group, text
 
 
 @pytest.mark.parametrize(
@@ -74,3 +85,20 @@ def test_socket_path_separates_daemons_namespaces_and_groups() -> None:
     }
     assert len(paths) == 8
     assert all(p.startswith("/run/containerd/s/") and len(p) <= 106 for p in paths)
+
+
+def test_bootstrap_params_are_told_from_an_options_any() -> None:
+    """2.3's BootstrapParams (instance_id first) vs 1.6-2.2's options Any (type URL first)."""
+    from google.protobuf import any_pb2
+
+    from shim_framework.api.runtime.bootstrap.v1 import bootstrap_pb2
+
+    flags = parse_flags(["-namespace", "ns", "-id", "c1", "start"])
+    params = bootstrap_pb2.BootstrapParams(instance_id="c1", namespace="ns", socket_dir="/s")
+    assert bootstrap._bootstrap_socket_dir(params.SerializeToString(), flags) == "/s"
+    options = any_pb2.Any(type_url="runtimeoptions.v1.Options", value=b"\x12\x03/x")
+    assert bootstrap._bootstrap_socket_dir(options.SerializeToString(), flags) is None
+    assert bootstrap._bootstrap_socket_dir(b"", flags) is None
+    long_id = parse_flags(["-namespace", "ns", "-id", "c" * 200, "start"])
+    params = bootstrap_pb2.BootstrapParams(instance_id="c" * 200, namespace="ns", socket_dir="/t")
+    assert bootstrap._bootstrap_socket_dir(params.SerializeToString(), long_id) == "/t"
