@@ -143,11 +143,29 @@ def test_child_copy_keeps_holes_on_ext4(
         assert len((root / "few").read_bytes()) == 8 * KiB
 
 
-def test_copy_falls_back_to_sparse_copy_without_reflink(tmp_path: Path):
-    """On ext4 (no reflink) copy_image copies data extents only, byte for byte."""
+@pytest.fixture
+def ext4(tmp_path: Path) -> Iterator[Path]:
+    """A mounted ext4 filesystem (no reflink), in a sparse image file."""
     require_root()
-    if fs_type_of(tmp_path) != "ext4":
-        pytest.skip(f"{tmp_path} is on {fs_type_of(tmp_path)}, not ext4")
+    mkfs = require_binary("mkfs.ext4")
+    image = tmp_path / "ext4.img"
+    with open(image, "wb") as f:
+        f.truncate(128 * MiB)
+    subprocess.run([mkfs, "-q", "-F", str(image)], check=True)
+    point = tmp_path / "ext4"
+    point.mkdir()
+    with plat.attach_loop(str(image), readonly=False) as device:
+        plat.mount(device, str(point), "ext4", 0, "")
+    try:
+        yield point
+    finally:
+        unmount_all(point)
+
+
+def test_copy_falls_back_to_sparse_copy_without_reflink(ext4: Path):
+    """On ext4 (no reflink) copy_image copies data extents only, byte for byte."""
+    assert fs_type_of(ext4) == "ext4"
+    tmp_path = ext4
     source = tmp_path / "src"
     with open(source, "wb") as f:
         f.truncate(32 * MiB)

@@ -19,6 +19,7 @@ import pytest
 
 from shim_framework import seccomp
 from shim_framework.errors import FailedPrecondition, InvalidArgument
+from tests.harness import require
 
 ALLOW = "SCMP_ACT_ALLOW"
 ERRNO = "SCMP_ACT_ERRNO"
@@ -26,8 +27,7 @@ ERRNO = "SCMP_ACT_ERRNO"
 
 @pytest.fixture(autouse=True)
 def _libseccomp() -> None:
-    if seccomp.unavailable():
-        pytest.skip(seccomp.unavailable())
+    require(not seccomp.unavailable(), seccomp.unavailable() or "")
 
 
 @pytest.fixture(params=["libseccomp", "program"])
