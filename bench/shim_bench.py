@@ -5,9 +5,12 @@
 Measures, in one run and alternating the two runtimes so both see the same
 machine state:
 - latency of `ctr run --rm <busybox> <id> true` (median, p90);
-- shim memory for one container (`ctr run -d ... sleep`), and for a pod of
-  --pod-size containers grouped by `io.kubernetes.cri.sandbox-id` (both shims
-  group by it): RSS and PSS summed over the pod's shim processes.
+- shim memory per pod (`ctr run -d ... sleep`): one pod of one container, one
+  pod of --pod-size containers grouped by `io.kubernetes.cri.sandbox-id` (both
+  shims group by it), and --pod-size pods of one container running at once.
+  RSS and PSS of the shim processes; PSS+ adds polyshim's warm template, which
+  every polyshim server shares its pages with (RSS counts those shared pages in
+  every server again, PSS divides them among the sharers).
 Prints medians and the polyshim/runc-v2 ratios (targets: latency <= 1.10,
 per-pod RSS <= 1.0).
 """
@@ -48,26 +51,37 @@ def memory_of(pids: list[int]) -> tuple[int, int]:
     return rss, pss
 
 
-def pod_memory(ctrd: PrivateContainerd, image: str, runtime: str, size: int, tag: str):
-    """Start *size* containers of one pod, measure the shims, remove them."""
-    ids = [f"{tag}-{i}" for i in range(size)]
+def helper_pids(runtime: str) -> list[int]:
+    """Processes a runtime keeps besides its shims: polyshim's warm template."""
+    if runtime != RUNTIMES["polyshim"]:
+        return []
+    found = subprocess.run(["pgrep", "-f", "^polyshim-template "], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def pods_memory(ctrd: PrivateContainerd, image: str, runtime: str, pods: int, size: int,
+                tag: str) -> tuple[int, int, int, int]:  # fmt: skip
+    """Start *pods* pods of *size* containers, measure, remove them: (shims, RSS of the
+    shims, PSS of the shims, PSS of the runtime's helpers), bytes summed over all pods."""
+    ids = [(f"{tag}-{p}", f"{tag}-{p}-{i}") for p in range(pods) for i in range(size)]
     before = set(ctrd.shim_pids())
-    for cid in ids:
+    for pod, cid in ids:
         ctrd.ctr("run", "-d", "--runtime", runtime, "--annotation",
-                 f"io.kubernetes.cri.sandbox-id={tag}", image, cid, "sleep", "600")  # fmt: skip
+                 f"io.kubernetes.cri.sandbox-id={pod}", image, cid, "sleep", "600")  # fmt: skip
     time.sleep(1)  # let the shims settle after their last Create
     shims = [pid for pid in ctrd.shim_pids() if pid not in before]
     rss, pss = memory_of(shims)
-    for cid in ids:
+    _, helpers_pss = memory_of(helper_pids(runtime))
+    for _, cid in ids:
         ctrd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
-    for cid in ids:
+    for _, cid in ids:
         deadline = time.monotonic() + 20
         while ctrd.ctr("task", "delete", cid, check=False).returncode != 0:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         ctrd.ctr("container", "delete", cid, check=False)
-    return len(shims), rss, pss
+    return len(shims), rss, pss, helpers_pss
 
 
 def main() -> int:
@@ -89,11 +103,12 @@ def main() -> int:
             for name, runtime in RUNTIMES.items():
                 latencies[name].append(run_latency(ctrd, image, runtime, n))
         memory = {}
+        layouts = [(1, 1), (1, args.pod_size), (args.pod_size, 1)]  # (pods, containers each)
         for name, runtime in RUNTIMES.items():
-            memory[(name, 1)] = pod_memory(ctrd, image, runtime, 1, f"one-{name}")
-            memory[(name, args.pod_size)] = pod_memory(
-                ctrd, image, runtime, args.pod_size, f"pod-{name}"
-            )
+            for pods, size in layouts:
+                memory[(name, pods, size)] = pods_memory(
+                    ctrd, image, runtime, pods, size, f"m{pods}x{size}-{name}"
+                )
 
     print(f"containerd {ctrd.install.version()}, {args.runs} runs each, alternating")
     print(f"{'':10} {'median ms':>10} {'p90 ms':>8}")
@@ -104,13 +119,16 @@ def main() -> int:
         print(f"{name:10} {med[name] * 1000:10.1f} {values[int(len(values) * 0.9)] * 1000:8.1f}")
     print(f"latency ratio polyshim/runc-v2: {med['polyshim'] / med['runc-v2']:.2f} "
           "(target <= 1.10)")  # fmt: skip
-    print(f"\n{'':10} {'pod':>4} {'shims':>6} {'RSS MiB':>8} {'PSS MiB':>8}")
-    for (name, size), (shims, rss, pss) in memory.items():
-        print(f"{name:10} {size:4} {shims:6} {rss / 2**20:8.1f} {pss / 2**20:8.1f}")
-    for size in (1, args.pod_size):
-        ratio = memory[("polyshim", size)][1] / memory[("runc-v2", size)][1]
-        print(f"RSS ratio polyshim/runc-v2, pod of {size}: {ratio:.2f}"
-              + (" (target <= 1.0)" if size > 1 else ""))  # fmt: skip
+    print("\nshim memory per pod, MiB (PSS+: with polyshim's template, shared by all pods)")
+    print(f"{'':10} {'pods':>4} {'ctrs':>4} {'shims':>5} {'RSS':>6} {'PSS':>6} {'PSS+':>6}")
+    for (name, pods, size), (shims, rss, pss, helpers) in memory.items():
+        print(f"{name:10} {pods:4} {size:4} {shims:5} {rss / pods / 2**20:6.1f} "
+              f"{pss / pods / 2**20:6.1f} {(pss + helpers) / pods / 2**20:6.1f}")  # fmt: skip
+    for pods, size in layouts:
+        ours, theirs = memory[("polyshim", pods, size)], memory[("runc-v2", pods, size)]
+        target = " (target <= 1.0)" if size > 1 else ""
+        print(f"{pods} pod(s) of {size}: RSS ratio {ours[1] / theirs[1]:.2f}{target}, "
+              f"PSS+ ratio {(ours[2] + ours[3]) / (theirs[2] + theirs[3]):.2f}")  # fmt: skip
     subprocess.run(["rm", "-rf", str(work)], check=False)
     return 0
 

@@ -27,6 +27,7 @@ import sys
 import time
 
 RUNTIME = "io.containerd.polyshim.v2"
+SHIM_BINARY = "containerd-shim-polyshim-v2"
 SOCKET_DIR = "/run/containerd/s"
 SUN_PATH_MAX = 106  # what the Go shim library allows; sun_path is 108 bytes with the NUL
 GROUP_ANNOTATIONS = (
@@ -184,10 +185,12 @@ def socket_path(address: str, namespace: str, group: str, socket_dir: str = SOCK
     return path
 
 
-def start(flags: Flags, argv: list[str], stdin: bytes, serve: object) -> str:
+def start(flags: Flags, argv: list[str], stdin: bytes, serve: object, warm: bool = False) -> str:
     """The `start` action: return the address to print; fork the server when needed.
 
     *serve* is called in the forked child with (flags, listener) and must not return.
+    *warm*: this process is a fork of the template (see template.py), so a fork of it
+    is as good a server as the template would make.
     """
     bundle = os.getcwd()
     socket_dir = _bootstrap_socket_dir(stdin, flags) or SOCKET_DIR
@@ -196,7 +199,7 @@ def start(flags: Flags, argv: list[str], stdin: bytes, serve: object) -> str:
     if not _serving(path):
         listener = _listen(path)
         try:
-            _launch_server(flags, argv, listener, socket_dir, serve)
+            _launch_server(flags, argv, listener, socket_dir, serve, warm)
         finally:
             listener.close()
     with open(os.path.join(bundle, "address"), "w") as f:  # 1.6/1.7 read it after a restart
@@ -205,25 +208,39 @@ def start(flags: Flags, argv: list[str], stdin: bytes, serve: object) -> str:
 
 
 def _launch_server(
-    flags: Flags, argv: list[str], listener: _socket.socket, socket_dir: str, serve: object
+    flags: Flags,
+    argv: list[str],
+    listener: _socket.socket,
+    socket_dir: str,
+    serve: object,
+    warm: bool,
 ) -> None:
     """A warm template forks the server when one runs; otherwise fork it from here, and
     leave a template behind for the next container (see template.py)."""
     from shim_framework import template
 
-    if template.request_server(listener, argv, socket_dir) is not None:
+    if not warm and template.request_server(listener, argv, socket_dir) is not None:
         return
     pid = os.fork()
     if pid == 0:
-        _become_daemon()
         try:
+            _become_daemon(keep=listener.fileno())
+            show_as_shim(argv)
             import socket
 
             serve(flags, socket.socket(fileno=listener.detach()))  # type: ignore[operator]
         finally:
             os._exit(1)
     listener.close()  # the server has it; the template must not inherit it
-    template.spawn(socket_dir)
+    if not warm:
+        template.spawn(socket_dir)
+
+
+def show_as_shim(argv: list[str]) -> None:
+    """Show a server in `ps` as the shim binary with its flags, however it was started."""
+    from shim_framework import _platform
+
+    _platform.set_cmdline([SHIM_BINARY, *argv])
 
 
 def unix_socket() -> _socket.socket:
@@ -257,8 +274,12 @@ def _listen(path: str) -> _socket.socket:
     return listener
 
 
-def _become_daemon() -> None:
+def _become_daemon(keep: int) -> None:
+    """A new session, /dev/null for stdio, and no descriptor but *keep* (containerd reads
+    `start`'s output until every holder of its pipe closes it)."""
     os.setsid()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)

@@ -17,7 +17,8 @@ import sys
 from shim_framework import __version__, bootstrap
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, warm: bool = False) -> int:
+    """Run the binary with *argv*; *warm*: in a fork of the template (see template.py)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         flags = bootstrap.parse_flags(argv)
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if flags.action == "start":
-            address = bootstrap.start(flags, argv, _read_stdin(), _serve)
+            address = bootstrap.start(flags, argv, _read_stdin(), _serve, warm)
             sys.stdout.write(address)
             sys.stdout.flush()
             return 0

@@ -1,24 +1,36 @@
-"""A warm template that forks shim servers with everything already imported.
+"""A warm template that forks shim processes with everything already imported.
 
-Why: a shim server starts for every container (or pod), and Python pays for
-its imports each time — protobuf alone is ~40 ms, our modules and attrs
+Why: containerd runs the shim binary for every container (`start`, then
+`delete`) and `start` leaves a server behind; Python pays for its imports in
+each of those processes — protobuf alone is ~40 ms, our modules and attrs
 classes as much again — while containerd waits for the container. A fork of
 a process that has paid already costs a few milliseconds.
 
 How: the first `start` forks its server itself (as without a template) and
 also leaves a template behind: a daemon that imports the server's modules,
 freezes the garbage collector (so forked children share its pages instead
-of touching them), and listens on a socket next to the shims' sockets. Later
-`start`s send it their command line, environment, working directory and the
-listening socket they bound (SCM_RIGHTS); the template forks twice, so the
-server is nobody's child but init's, exactly like a server `start` forked,
-and answers with its pid. The template exits after IDLE seconds without a
-request; its socket name carries a fingerprint of the code, so an upgraded
-polyshim never gets a server from an old template.
+of touching them), and listens on a socket next to the shims' sockets, named
+after this installation. It takes two kinds of request:
 
-Resource handling: the template owns its listening socket and removes it on
-exit; each request's fds are closed in the template once the server has its
-copies. It runs no threads, so forking it is safe.
+- `server`, from a `start` running in Python: its command line, environment,
+  working directory and the listening socket it bound (SCM_RIGHTS). The
+  template forks twice, so the server is nobody's child but init's, exactly
+  like a server `start` forked, and answers with its pid.
+- `run`, from the native launcher (launcher.c): the same three, plus the
+  launcher's stdin, stdout and stderr. The template answers `+`, forks twice,
+  and the grandchild runs the shim binary's `main` on those descriptors (for
+  `start` it forks the server itself) and reports the exit status as
+  `<status>\n`. No answer at all means nothing ran: the launcher runs the
+  action in a new interpreter instead.
+
+The template exits after IDLE seconds without a request, or soon after the
+code it imported changes on disk (it checks a fingerprint of the framework,
+the backends and the interpreter at most every CHECK_EVERY seconds), so an
+upgraded polyshim never gets a process from an old template.
+
+Resource handling: the template owns its listening socket and removes it
+before it stops accepting; each request's fds are closed in the template
+once the child has its copies. It runs no threads, so forking it is safe.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import gc
 import hashlib
 import os
 import sys
+import time
 
 TYPE_CHECKING = False  # `import typing` would cost the start path ~15 ms
 if TYPE_CHECKING:
@@ -35,15 +48,16 @@ if TYPE_CHECKING:
 
 SOCKET_DIR = "/run/containerd/s"
 IDLE = 600.0  # seconds without a request before the template exits
+CHECK_EVERY = 1.0  # seconds between looks at whether the code changed
 REQUEST_MAX = 1 << 20
 CONNECT_TIMEOUT = 2.0
+SERVER, RUN = "server", "run"  # the two kinds of request
 
 
 def _fingerprint() -> str:
     """Changes whenever the framework, polyshim's backends or the interpreter change."""
-    package = os.path.dirname(os.path.abspath(__file__))
     digest = hashlib.sha256(sys.executable.encode())
-    for top in (package, os.path.join(os.path.dirname(package), "backends")):
+    for top in (_package_dir(), os.path.join(os.path.dirname(_package_dir()), "backends")):
         for directory, dirs, files in os.walk(top):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__")
             for name in sorted(files):
@@ -53,8 +67,15 @@ def _fingerprint() -> str:
     return digest.hexdigest()[:24]
 
 
+def _package_dir() -> str:
+    return os.path.dirname(os.path.abspath(__file__))
+
+
 def socket_path(socket_dir: str = SOCKET_DIR) -> str:
-    return os.path.join(socket_dir, f"polyshim-template-{_fingerprint()}")
+    """This installation's template socket: one per interpreter and package location, so
+    the native launcher can be built knowing it, and two installations never share one."""
+    install = hashlib.sha256(f"{sys.executable}\0{_package_dir()}".encode()).hexdigest()[:24]
+    return os.path.join(socket_dir, f"polyshim-template-{install}")
 
 
 def request_server(listener: _socket.socket, argv: list[str], socket_dir: str) -> int | None:
@@ -65,7 +86,7 @@ def request_server(listener: _socket.socket, argv: list[str], socket_dir: str) -
     conn.settimeout(CONNECT_TIMEOUT)
     try:
         conn.connect(socket_path(socket_dir))
-        request = encode_request(argv, dict(os.environ), os.getcwd())
+        request = encode_request(SERVER, argv, dict(os.environ), os.getcwd())
         rights = listener.fileno().to_bytes(4, sys.byteorder)  # one int fd, SCM_RIGHTS
         conn.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
         conn.shutdown(_socket.SHUT_WR)
@@ -77,18 +98,21 @@ def request_server(listener: _socket.socket, argv: list[str], socket_dir: str) -
         conn.close()
 
 
-def encode_request(argv: list[str], env: dict[str, str], cwd: str) -> bytes:
-    """cwd, argc, argv..., KEY=VALUE...: NUL-separated (no NUL can occur in any of them)."""
-    parts = [cwd, str(len(argv)), *argv, *(f"{k}={v}" for k, v in env.items())]
+def encode_request(kind: str, argv: list[str], env: dict[str, str], cwd: str) -> bytes:
+    """kind, cwd, argc, argv..., KEY=VALUE...: NUL-separated (no NUL can occur in any of
+    them). launcher.c writes the same layout."""
+    parts = [kind, cwd, str(len(argv)), *argv, *(f"{k}={v}" for k, v in env.items())]
     return "\0".join(parts).encode("utf-8", "surrogateescape")
 
 
-def decode_request(data: bytes) -> tuple[list[str], dict[str, str], str]:
+def decode_request(data: bytes) -> tuple[str, list[str], dict[str, str], str]:
     parts = data.decode("utf-8", "surrogateescape").split("\0")
-    cwd, argc = parts[0], int(parts[1])
-    argv = parts[2 : 2 + argc]
-    env = dict(item.split("=", 1) for item in parts[2 + argc :] if "=" in item)
-    return argv, env, cwd
+    kind, cwd, argc = parts[0], parts[1], int(parts[2])
+    if kind not in (SERVER, RUN) or not 0 <= argc <= len(parts) - 3:
+        raise ValueError(f"not a template request: kind {kind!r}, argc {argc}")
+    argv = parts[3 : 3 + argc]
+    env = dict(item.split("=", 1) for item in parts[3 + argc :] if "=" in item)
+    return kind, argv, env, cwd
 
 
 def spawn(socket_dir: str) -> None:
@@ -111,27 +135,37 @@ def _become_template(socket_dir: str) -> None:
     os.chdir("/")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     path = socket_path(socket_dir)
+    born_as = _fingerprint()
     try:
         _bind_exclusively(listener, path)
     except OSError:
         os._exit(0)  # another template won the race: it serves
     try:
-        from shim_framework import _platform, shim_server  # the point of it all: pay once
+        from shim_framework import _platform, shim_main, shim_server  # pay once
 
-        _platform.set_cmdline([sys.executable, sys.argv[0], "template", path])
+        _platform.set_cmdline(["polyshim-template", path])
         _warm_up()
         gc.freeze()
-        listener.settimeout(IDLE)
+        listener.settimeout(CHECK_EVERY)
+        last_request = checked = time.monotonic()
         while True:
             try:
                 conn, _ = listener.accept()
             except TimeoutError:
-                break
-            with conn:
-                _fork_server(conn, listener, shim_server)
+                if time.monotonic() - last_request >= IDLE:
+                    break
+            else:
+                with conn:
+                    _serve_request(conn, listener, shim_server, shim_main)
+                last_request = time.monotonic()
+            _reap_workers()
+            if time.monotonic() - checked >= CHECK_EVERY:
+                if _fingerprint() != born_as:
+                    break
+                checked = time.monotonic()
     finally:
         try:
-            os.unlink(path)
+            os.unlink(path)  # before the listener closes: nobody can have re-bound it yet
         except OSError:
             pass
         os._exit(0)
@@ -164,6 +198,7 @@ def _bind_exclusively(listener: socket.socket, path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
     old_umask = os.umask(0o177)
     try:
         listener.bind(path)
@@ -172,28 +207,91 @@ def _bind_exclusively(listener: socket.socket, path: str) -> None:
     listener.listen(64)
 
 
-def _fork_server(conn: socket.socket, template: socket.socket, shim_server: object) -> None:
-    conn.settimeout(CONNECT_TIMEOUT)
-    try:
-        import socket
+def _serve_request(
+    conn: socket.socket, template: socket.socket, shim_server: object, shim_main: object
+) -> None:
+    import socket
 
-        data, fds, _, _ = socket.recv_fds(conn, REQUEST_MAX, 1)
+    conn.settimeout(CONNECT_TIMEOUT)
+    fds: list[int] = []
+    try:
+        data, fds, _, _ = socket.recv_fds(conn, REQUEST_MAX, 3)
         while chunk := conn.recv(REQUEST_MAX):
             data += chunk
-        request = decode_request(data)
+        kind, argv, env, cwd = decode_request(data)
+        wanted_fds = 1 if kind == SERVER else 3
+        if len(fds) != wanted_fds:
+            raise ValueError(f"{kind} request with {len(fds)} fds, not {wanted_fds}")
+        if kind == RUN:
+            conn.sendall(b"+")  # from here on the launcher must not run the action itself
     except (OSError, ValueError, UnicodeDecodeError):
-        return
-    if len(fds) != 1:
         for fd in fds:
             os.close(fd)
-        return
+        return  # closing without an answer: the requester does the work itself
+    if kind == RUN:
+        _fork_worker(argv, env, cwd, fds, conn, template, shim_main)
+    else:
+        _fork_server(argv, env, cwd, fds[0], conn, template, shim_server)
+
+
+def _fork_worker(
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    fds: list[int],
+    conn: socket.socket,
+    template: socket.socket,
+    shim_main: object,
+) -> None:
+    """One fork, since the launcher waits: the worker stays our child until it exits
+    (collected by _reap_workers)."""
+    if os.fork() == 0:
+        try:
+            template.close()
+            _run_main(argv, env, cwd, fds, conn, shim_main)
+        finally:
+            os._exit(1)
+    for fd in fds:
+        os.close(fd)
+
+
+def _reap_workers() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _fork_server(
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    listener_fd: int,
+    conn: socket.socket,
+    template: socket.socket,
+    shim_server: object,
+) -> None:
+    """Fork twice, so the long-lived server is init's child, not ours; answer its pid."""
     read_end, write_end = os.pipe()
     first = os.fork()
     if first == 0:
-        os.close(read_end)
-        _start_server(request, fds[0], template, conn, write_end, shim_server)
+        try:
+            template.close()
+            os.close(read_end)
+            server = os.fork()
+            if server != 0:
+                os.write(write_end, str(server).encode())
+            else:
+                os.close(write_end)
+                _enter_request(argv, env, cwd)
+                _run_server(argv, listener_fd, conn, shim_server)
+        finally:
+            os._exit(0)
     os.close(write_end)
-    os.close(fds[0])
+    os.close(listener_fd)
     pid = os.read(read_end, 32)
     os.close(read_end)
     os.waitpid(first, 0)
@@ -203,41 +301,57 @@ def _fork_server(conn: socket.socket, template: socket.socket, shim_server: obje
         pass
 
 
-def _start_server(
-    request: tuple[list[str], dict[str, str], str],
-    listener_fd: int,
-    template: socket.socket,
-    conn: socket.socket,
-    report_fd: int,
-    shim_server: object,
-) -> None:
-    """In the first child: fork the server, report its pid, exit (so init adopts it)."""
-    try:
-        template.close()
-        conn.close()
-        pid = os.fork()
-        if pid != 0:
-            os.write(report_fd, str(pid).encode())
-            os._exit(0)
-        os.close(report_fd)
-        os.setsid()
-        argv, env, cwd = request
-        os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(env)
-        from shim_framework.bootstrap import parse_flags
+def _enter_request(argv: list[str], env: dict[str, str], cwd: str) -> None:
+    """Take on the requester's working directory, environment and command line."""
+    os.setsid()
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv[1:] = argv
 
-        flags = parse_flags(argv)
+
+def _run_server(
+    argv: list[str], listener_fd: int, conn: socket.socket, shim_server: object
+) -> None:
+    import socket
+
+    from shim_framework.bootstrap import parse_flags, show_as_shim
+
+    conn.close()
+    show_as_shim(argv)
+    shim_server.serve(parse_flags(argv), socket.socket(fileno=listener_fd))  # type: ignore[attr-defined]
+
+
+def _run_main(
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    fds: list[int],
+    conn: socket.socket,
+    shim_main: object,
+) -> None:
+    """Be the shim binary on the launcher's stdio; report its exit status on *conn*."""
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    status = 1
+    try:
         from shim_framework import _platform
 
-        # Look like the server `start` would have forked, not like our template.
-        _platform.set_cmdline([sys.executable, sys.argv[0], *argv])
-        import socket
-
-        listener = socket.socket(fileno=listener_fd)
-        shim_server.serve(flags, listener)  # type: ignore[attr-defined]
+        _platform.set_cmdline(["polyshim-template-worker", *argv[-1:]])
+        _enter_request(argv, env, cwd)
+        status = shim_main.main(argv, warm=True)  # type: ignore[attr-defined]
+    except BaseException as e:  # the launcher's stderr is containerd's error message
+        print(f"containerd-shim-polyshim-v2: {type(e).__name__}: {e}", file=sys.stderr)
     finally:
-        os._exit(1)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        _detach_stdio()  # containerd reads the pipes until every holder closes them
+        conn.sendall(f"{status}\n".encode())
+        os._exit(0)
 
 
 def _detach_stdio() -> None:

@@ -1,0 +1,147 @@
+"""The native launcher: the same shim binary as the Python one, run by the warm template.
+
+Each launcher here is built for the test: its template socket lives in a directory of the
+test's own, so no template of the installation or of another test answers it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from google.protobuf import any_pb2
+
+from shim_framework import bootstrap, launcher, template
+from shim_framework.api.task.v2 import shim_pb2
+from shim_framework.api.types import introspection_pb2
+from tests.harness.requirements import require, require_binary
+
+SHIM = bootstrap.SHIM_BINARY
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="pl-", dir="/tmp"))  # sun_path is short
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def build(tmp_path: Path, socket_dir: Path, python: str = sys.executable) -> Path:
+    require_binary(os.environ.get("CC", "cc"))
+    output = tmp_path / SHIM
+    launcher.build(output, python=python, template_socket=template.socket_path(str(socket_dir)))
+    return output
+
+
+@pytest.fixture
+def running_template(socket_dir: Path) -> Iterator[Path]:
+    """A template of this installation listening in *socket_dir*; stopped afterwards."""
+    path = Path(template.socket_path(str(socket_dir)))
+    subprocess.run(
+        [sys.executable, "-c", "import sys; from shim_framework import template; "
+         "template.spawn(sys.argv[1])", str(socket_dir)],
+        check=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        assert time.monotonic() < deadline, f"no template listening at {path}"
+        time.sleep(0.05)
+    yield path
+    for pid in template_pids(path):
+        os.kill(pid, signal.SIGTERM)
+
+
+def template_pids(path: Path) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", f"^polyshim-template {path}"],
+                           capture_output=True, text=True)  # fmt: skip
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def run(binary: Path, *args: str, stdin: bytes = b"", cwd: Path | None = None):
+    return subprocess.run([str(binary), *args], input=stdin, capture_output=True, cwd=cwd,
+                          timeout=30)  # fmt: skip
+
+
+def test_without_a_template_it_runs_the_shim_in_a_new_interpreter(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    binary = build(tmp_path, socket_dir)
+    version = run(binary, "-v")
+    assert version.returncode == 0, version.stderr
+    assert b"Runtime: io.containerd.polyshim.v2" in version.stdout
+    bad = run(binary, "-frobnicate", "start")
+    assert bad.returncode == 2
+    assert b"flag provided but not defined: -frobnicate" in bad.stderr
+
+
+def test_with_a_template_the_template_runs_it(
+    tmp_path: Path, socket_dir: Path, running_template: Path
+) -> None:
+    """Built for an interpreter that does not exist, the launcher can only work through the
+    template: output, exit status, stdin and working directory all arrive."""
+    binary = build(tmp_path, socket_dir, python="/nonexistent/python3")
+    version = run(binary, "-v")
+    assert version.returncode == 0, version.stderr
+    assert b"Runtime: io.containerd.polyshim.v2" in version.stdout
+
+    bad = run(binary, "-frobnicate", "start")
+    assert (bad.returncode, bad.stdout) == (2, b"")
+    assert b"flag provided but not defined: -frobnicate" in bad.stderr
+
+    options = any_pb2.Any(type_url="example.com/Options", value=b"\x08\x01")
+    info = run(binary, "-info", stdin=options.SerializeToString())
+    assert info.returncode == 0, info.stderr
+    assert introspection_pb2.RuntimeInfo.FromString(info.stdout).options == options
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    bootstrap.mark_deleted(str(bundle), 4242)  # what Delete leaves for the delete action
+    deleted = run(binary, "-namespace", "ns", "-id", "c1", "delete", cwd=bundle)
+    assert deleted.returncode == 0, deleted.stderr
+    response = shim_pb2.DeleteResponse.FromString(deleted.stdout)
+    assert (response.pid, response.exit_status) == (4242, 137)
+
+
+def test_without_template_or_interpreter_it_says_what_to_do(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    binary = build(tmp_path, socket_dir, python="/nonexistent/python3")
+    result = run(binary, "-v")
+    assert result.returncode == 127
+    assert b"cannot run /nonexistent/python3" in result.stderr
+    assert b"polyshim install-launcher" in result.stderr
+
+
+def test_a_template_answers_after_its_requester_left(
+    tmp_path: Path, socket_dir: Path, running_template: Path
+) -> None:
+    """A launcher killed mid-request (containerd gave up) costs the template nothing."""
+    binary = build(tmp_path, socket_dir, python="/nonexistent/python3")
+    victim = subprocess.Popen([str(binary), "-info"], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(0.2)  # the worker now waits for stdin that never comes
+    victim.kill()
+    victim.wait()
+    assert victim.stdin is not None
+    victim.stdin.close()
+    assert run(binary, "-v").returncode == 0
+    assert len(template_pids(running_template)) == 1
+
+
+def test_installed_shim_binary_is_the_native_launcher() -> None:
+    """scripts/setup installs it; a silent fall back to the Python script would pass every
+    other test, only slower."""
+    installed = Path(sys.prefix) / "bin" / SHIM
+    require(installed.exists(), f"{installed} is missing (run scripts/setup)")
+    require(
+        launcher.is_native(installed),
+        f"{installed} is the Python launcher; run `polyshim install-launcher`",
+    )
