@@ -1,13 +1,15 @@
 """polyshim-snapshotd's drivers against containerd's built-in snapshotters, side by side.
 
-    .venv/bin/python bench/snapshot_bench.py [--imports 5] [--cycles 100]
+    .venv/bin/python bench/snapshot_bench.py [--imports 9] [--cycles 100]
 
 One private containerd 2.1 (it has overlayfs and erofs built in) with
 polyshim-snapshotd as proxy plugins, in one run:
 - image unpack: `ctr images import --snapshotter S` of a 4-layer image
-  (distinct layers each time, so nothing is reused from an earlier import);
+  (distinct layers each time, so nothing is reused from an earlier import),
+  alternating between the two snapshotters of a pair, each after a `sync`;
 - 100 x (Prepare on the image's top layer, mount what it returns, unmount,
-  Remove), through containerd's own Snapshots gRPC API.
+  Remove), through containerd's own Snapshots gRPC API, in alternating blocks
+  of 10 per snapshotter.
 Pairs: polyshim-overlay vs overlayfs, polyshim-erofs vs erofs. Prints
 medians and polyshim/built-in ratios (target <= 1.3).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import secrets
 import statistics
 import sys
@@ -77,66 +80,87 @@ def _blob(digest: str) -> str:
 
 
 def time_imports(
-    ctrd: PrivateContainerd, snapshotter: str, work: Path, n: int
-) -> tuple[list[float], Path]:
-    """Import *n* fresh images; their times, and the last archive (to Prepare on)."""
-    times = []
-    archive = work
+    ctrd: PrivateContainerd, pair: tuple[str, str], work: Path, n: int
+) -> tuple[dict[str, list[float]], dict[str, Path]]:
+    """Import *n* fresh images into each snapshotter of *pair*, alternating; their times, and
+    each one's last archive (to Prepare on). Each import starts after a `sync`, so one
+    import's writeback is not charged to the next."""
+    times: dict[str, list[float]] = {name: [] for name in pair}
+    archives: dict[str, Path] = {}
     for i in range(n):
-        archive = layered_image(work, f"{snapshotter}-{i}")
-        started = time.perf_counter()
-        ctrd.ctr("images", "import", "--platform", host_platform(), "--snapshotter",
-                 snapshotter, str(archive), timeout=300)  # fmt: skip
-        times.append(time.perf_counter() - started)
-    return times, archive
+        for snapshotter in pair if i % 2 == 0 else reversed(pair):
+            archive = archives[snapshotter] = layered_image(work, f"{snapshotter}-{i}")
+            os.sync()
+            started = time.perf_counter()
+            ctrd.ctr("images", "import", "--platform", host_platform(), "--snapshotter",
+                     snapshotter, str(archive), timeout=300)  # fmt: skip
+            times[snapshotter].append(time.perf_counter() - started)
+    return times, archives
 
 
 def time_cycles(
-    ctrd: PrivateContainerd, snapshotter: str, parent: str, work: Path, n: int
-) -> list[float]:
+    ctrd: PrivateContainerd, pair: tuple[str, str], parents: dict[str, str], work: Path, n: int
+) -> dict[str, list[float]]:
+    """*n* Prepare+mount+Remove cycles on each snapshotter of *pair*, in alternating blocks
+    of BLOCK, so that both see the same drift of the machine."""
     channel = grpc.insecure_channel(f"unix:{ctrd.address}")
     stub = snapshots_pb2_grpc.SnapshotsStub(channel)
     md = [("containerd-namespace", ctrd.namespace)]
-    target = work / f"mnt-{snapshotter}"
-    target.mkdir()
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in pair}
+    targets = {name: work / f"mnt-{name}" for name in pair}
+    for target in targets.values():
+        target.mkdir()
     try:
-        for i in range(n):
-            key = f"bench-{snapshotter}-{i}"
-            started = time.perf_counter()
-            prepared = stub.Prepare(
-                snapshots_pb2.PrepareSnapshotRequest(
-                    snapshotter=snapshotter,
-                    key=key,
-                    parent=parent,
-                    # without a gc root (or a lease) containerd's GC may take it meanwhile
-                    labels={"containerd.io/gc.root": "bench"},
-                ),
-                metadata=md,
-            )
-            mounts = [Mount(m.type, m.source, m.target, tuple(m.options))
-                      for m in prepared.mounts]  # fmt: skip
-            mount_all(mounts, target)
-            assert (target / "etc" / "app.conf").read_bytes() == b"answer = 42\n"
-            unmount_all(target)
-            stub.Remove(snapshots_pb2.RemoveSnapshotRequest(snapshotter=snapshotter, key=key),
-                        metadata=md)  # fmt: skip
-            times.append(time.perf_counter() - started)
+        for first in range(0, n, BLOCK):
+            for snapshotter in pair:
+                parent, target = parents[snapshotter], targets[snapshotter]
+                for i in range(first, min(first + BLOCK, n)):
+                    key = f"bench-{snapshotter}-{i}"
+                    times[snapshotter].append(one_cycle(stub, md, snapshotter, parent, target, key))
     finally:
-        unmount_all(target)
+        for target in targets.values():
+            unmount_all(target)
         channel.close()
     return times
 
 
+BLOCK = 10
+
+
+def one_cycle(stub: snapshots_pb2_grpc.SnapshotsStub, md: list[tuple[str, str]], snapshotter: str,
+              parent: str, target: Path, key: str) -> float:  # fmt: skip
+    started = time.perf_counter()
+    prepared = stub.Prepare(
+        snapshots_pb2.PrepareSnapshotRequest(
+            snapshotter=snapshotter,
+            key=key,
+            parent=parent,
+            # without a gc root (or a lease) containerd's GC may take it meanwhile
+            labels={"containerd.io/gc.root": "bench"},
+        ),
+        metadata=md,
+    )
+    mounts = [Mount(m.type, m.source, m.target, tuple(m.options)) for m in prepared.mounts]
+    mount_all(mounts, target)
+    assert (target / "etc" / "app.conf").read_bytes() == b"answer = 42\n"
+    unmount_all(target)
+    stub.Remove(snapshots_pb2.RemoveSnapshotRequest(snapshotter=snapshotter, key=key),
+                metadata=md)  # fmt: skip
+    return time.perf_counter() - started
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--imports", type=int, default=5)
+    parser.add_argument("--imports", type=int, default=9)
     parser.add_argument("--cycles", type=int, default=100)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="polyshim-snapbench-"))
     names = [ours for ours, _ in PAIRS]
-    snapshotd = SnapshotdProcess(short_tempdir(), ",".join(
-        f"{name}={name.removeprefix('polyshim-')}" for name in names))  # fmt: skip
+    snapshotd = SnapshotdProcess(
+        short_tempdir(),
+        ",".join(f"{name}={name.removeprefix('polyshim-')}" for name in names),
+        extra_args=("--log-level", "info"),  # as deployed (the test harness logs every call)
+    )
     snapshotd.start()
     try:
         config = proxy_plugins_toml(names, snapshotd.socket, config_version=2,
@@ -152,12 +176,12 @@ def main() -> int:
         with PrivateContainerd(get_install("2.1"), extra_config=config, log_level="info") as ctrd:
             results = {}
             for pair in PAIRS:
+                imports, archives = time_imports(ctrd, pair, work, args.imports)
+                parents = {name: top_chain_id(archives[name]) for name in pair}
+                cycles = time_cycles(ctrd, pair, parents, work, args.cycles)
                 for snapshotter in pair:
-                    imports, archive = time_imports(ctrd, snapshotter, work, args.imports)
-                    parent = top_chain_id(archive)
-                    cycles = time_cycles(ctrd, snapshotter, parent, work, args.cycles)
-                    results[snapshotter] = (statistics.median(imports),
-                                            statistics.median(cycles))  # fmt: skip
+                    results[snapshotter] = (statistics.median(imports[snapshotter]),
+                                            statistics.median(cycles[snapshotter]))  # fmt: skip
     finally:
         snapshotd.stop()
 

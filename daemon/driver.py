@@ -34,7 +34,8 @@ One lifecycle, in the order the service calls, and what holds meanwhile:
     committed(Snapshot(7, COMMITTED, (3, 1)))
         Commit, after its transaction.
     remove(7)
-        Remove, after its transaction.
+        Remove, after its transaction: moves the storage to the trash; a thread
+        of the driver deletes it from there, so Remove need not wait for that.
     storage_ids(); discard(5); discard_strays(); then purge()
         Cleanup: storage that no row names, and junk, goes to the trash
         under the write lock; the trash is deleted after it.
@@ -61,9 +62,11 @@ import abc
 import errno
 import logging
 import os
+import queue
 import secrets
 import shutil
 import stat
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
@@ -119,6 +122,7 @@ class Driver(abc.ABC):
         self.trash_dir = self.root / "trash"
         for d in (self.root, self.snapshots_dir, self.trash_dir):
             make_dir(d, 0o700, exist_ok=True)
+        self.deleter = TrashDeleter(f"snapshotd-{self.name}-deleter")
 
     @classmethod
     def probe(cls, root: Path) -> Probe:
@@ -190,17 +194,21 @@ class Driver(abc.ABC):
 
     def purge(self) -> None:
         """Delete everything in the trash. Failures are logged and retried next time."""
+        self.deleter.drain()  # not two deletions of one tree at once
         for entry in os.scandir(self.trash_dir):
             _delete(Path(entry.path))
 
     def remove(self, sid: int) -> None:
-        """Delete the storage of *sid*, whose metadata is gone. Default: discard, then delete."""
+        """Delete the storage of *sid*, whose metadata is gone. Default: to the trash, whose
+        deletion `deleter` does in the background."""
         moved = self._to_trash(self.path(sid))
         if moved is not None:
-            _delete(moved)
+            self.deleter.delete([moved])
 
-    def close(self) -> None:  # noqa: B027 (optional hook, default no-op)
-        """Release what the driver holds (the daemon is stopping). Idempotent."""
+    def close(self) -> None:
+        """Release what the driver holds (the daemon is stopping). Idempotent; subclasses
+        call it. What is still queued for deletion stays in the trash for the next start."""
+        self.deleter.close()
 
     # ------------------------------------------------------------------ helpers
 
@@ -269,6 +277,58 @@ def disk_usage(root: Path) -> Usage:
             except (FileNotFoundError, NotADirectoryError):
                 continue
     return Usage(size=size, inodes=len(seen))
+
+
+class TrashDeleter:
+    """One thread deleting what went to the trash, so that the call that put it there need
+    not wait (deleting a big tree takes as long as writing it).
+
+    Resource handling: owned by the driver; the thread starts with the first deletion.
+    `close` lets the deletion in progress finish and stops the thread; what is still queued
+    stays in the trash, which the next Cleanup or start-up purges. Errors are logged (see
+    `_delete`)."""
+
+    def __init__(self, thread_name: str) -> None:
+        self._thread_name = thread_name
+        self._queue: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
+        self._idle = threading.Condition()
+        self._pending = 0
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def delete(self, paths: list[Path]) -> None:
+        if not paths:
+            return
+        with self._idle:
+            if self._closed:
+                return  # stopping: the trash keeps them
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._thread_name,
+                                                daemon=True)  # fmt: skip
+                self._thread.start()
+            self._pending += len(paths)
+            for path in paths:
+                self._queue.put(path)
+
+    def drain(self) -> None:
+        """Wait until everything queued so far is deleted (or the deleter is closed)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._pending == 0 or self._closed)
+
+    def _run(self) -> None:
+        while (path := self._queue.get()) is not None and not self._closed:
+            _delete(path)
+            with self._idle:
+                self._pending -= 1
+                self._idle.notify_all()
+
+    def close(self) -> None:
+        with self._idle:
+            self._closed, thread = True, self._thread
+            self._idle.notify_all()
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
 
 
 def _delete(path: Path) -> None:

@@ -132,7 +132,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import queue
 import secrets
 import shutil
 import subprocess
@@ -170,7 +169,6 @@ class ErofsDriver(OverlayDriver):
         # Serialises mounting and unmounting of layers: `create` (under the store's write
         # lock), `committed` (outside it) and `close` may want the same layer at once.
         self._lock = threading.Lock()
-        self._reaper = _Reaper()
         self._remount_layers()
 
     @classmethod
@@ -203,7 +201,7 @@ class ErofsDriver(OverlayDriver):
             )
         with self._lock:
             leftovers = [left for parent in snap.parent_ids for left in self._mount_layer(parent)]
-        self._reaper.delete(leftovers)
+        self.deleter.delete(leftovers)
         super().create(snap, labels)
         if images:
             path = self.path(snap.id)
@@ -242,11 +240,11 @@ class ErofsDriver(OverlayDriver):
     def committed(self, snap: Snapshot) -> None:
         with self._lock:
             leftovers = self._mount_layer(snap.id)
-        self._reaper.delete(leftovers)
+        self.deleter.delete(leftovers)
 
     def close(self) -> None:
         """Unmount every layer and remove its mount point (see "restarts" above)."""
-        self._reaper.close()
+        super().close()
         with self._lock:
             for sid in self._layer_ids():
                 point = self.upper(sid)
@@ -276,7 +274,7 @@ class ErofsDriver(OverlayDriver):
         with self._lock:
             for sid in self._layer_ids():
                 try:
-                    self._reaper.delete(self._mount_layer(sid))
+                    self.deleter.delete(self._mount_layer(sid))
                 except (OSError, FailedPrecondition) as exc:
                     # Its children's create retries, and fails there with this error.
                     log.error("erofs: cannot mount layer %d at start-up: %s", sid, exc)
@@ -314,46 +312,6 @@ class ErofsDriver(OverlayDriver):
         target = self.trash_dir / f"{sid}-{path.name}-{secrets.token_hex(4)}"
         os.rename(path, target)
         return target
-
-
-class _Reaper:
-    """One thread deleting the uppers Commit moved to the trash, so that Commit need not wait.
-
-    Resource handling: owned by the driver; the thread starts with the first
-    deletion. `close` lets the deletion in progress finish and stops the
-    thread; what is still queued stays in the trash, which the next Cleanup
-    or start-up purges. Errors are logged (see `_delete`)."""
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-
-    def delete(self, paths: list[Path]) -> None:
-        if not paths:
-            return
-        with self._lock:
-            if self._closed:
-                return  # stopping: the trash keeps them
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="snapshotd-erofs-reaper", daemon=True
-                )
-                self._thread.start()
-            for path in paths:
-                self._queue.put(path)
-
-    def _run(self) -> None:
-        while (path := self._queue.get()) is not None and not self._closed:
-            _delete(path)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed, thread = True, self._thread
-        if thread is not None:
-            self._queue.put(None)
-            thread.join()
 
 
 def _mount_image(image: Path, point: Path) -> None:
@@ -394,19 +352,6 @@ def _fsync(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _delete(path: Path) -> None:
-    """Delete a tree moved to the trash; failures wait for the next purge.
-
-    A Cleanup may purge the same tree at the same time: what vanishes meanwhile is fine."""
-
-    def onerror(func: object, failed: str, exc_info: tuple) -> None:
-        exc = exc_info[1]
-        if not (isinstance(exc, OSError) and exc.errno == errno.ENOENT):
-            log.warning("erofs: could not delete %s: %s (retried at the next Cleanup)", failed, exc)
-
-    shutil.rmtree(path, onerror=onerror)
 
 
 def _mount_test(root: Path) -> None:

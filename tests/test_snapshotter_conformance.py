@@ -917,6 +917,26 @@ def test_usage_of_active_committed_and_view(sn: SnapshotClient, work: Path):
     assert sn.usage("v").size == 0
 
 
+def test_remove_takes_storage_away_at_once_and_deletes_it_soon(
+    sn: SnapshotClient, snapd: InProcessSnapshotd, work: Path
+):
+    """Remove answers before the storage is deleted (a thread deletes it from the trash),
+    but the storage is out of `snapshots/` by then, and the trash empties without a
+    Cleanup."""
+    driver = next(iter(snapd.daemon.snapshotters.values())).driver
+    before = set(os.listdir(driver.snapshots_dir))
+    with mounted(sn.prepare("a", ""), work / "a") as root:
+        for i in range(200):
+            (root / f"f{i}").write_bytes(b"x" * 4096)
+    (added,) = set(os.listdir(driver.snapshots_dir)) - before
+    sn.remove("a")
+    assert added not in os.listdir(driver.snapshots_dir)
+    deadline = time.monotonic() + 30
+    while os.listdir(driver.trash_dir):
+        assert time.monotonic() < deadline, f"trash still holds {os.listdir(driver.trash_dir)}"
+        time.sleep(0.02)
+
+
 def test_cleanup_removes_storage_without_metadata(sn: SnapshotClient, snapd: InProcessSnapshotd):
     """Storage that no snapshot owns (a crash's leftovers, junk) goes; live storage stays."""
     sn.prepare("live", "")

@@ -194,7 +194,8 @@ def mount_points() -> list[str]:
     with open("/proc/self/mountinfo", "rb") as f:
         lines = f.read().splitlines()
     # Field 5 is the mount point, with space, tab, newline and backslash as \ooo.
-    return [os.fsdecode(_unescape(line.split(b" ")[4])) for line in lines if line]
+    points = (line.split(b" ", 5)[4] for line in lines if line)
+    return [os.fsdecode(_unescape(p) if b"\\" in p else p) for p in points]
 
 
 def _unescape(field: bytes) -> bytes:
