@@ -167,7 +167,6 @@ class BlockfileDriver(Driver):
         else:
             source = self.path(snap.parent_ids[0]) if snap.parent_ids else self.scratch
             copy_image(source, path)
-        fsync_dir(self.snapshots_dir)
 
     def mounts(self, snap: Snapshot) -> list[Mount]:
         if snap.kind == Kind.VIEW:

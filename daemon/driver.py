@@ -31,6 +31,8 @@ One lifecycle, in the order the service calls, and what holds meanwhile:
         Usage of an active or view; no lock held.
     convert(Snapshot(7, ACTIVE, (3, 1))) -> Usage
         Commit, before its transaction (no lock; no Remove of 7 meanwhile).
+    sync(7)
+        Commit, after convert: storage that the commit will name must be durable.
     committed(Snapshot(7, COMMITTED, (3, 1)))
         Commit, after its transaction.
     remove(7)
@@ -158,6 +160,20 @@ class Driver(abc.ABC):
         idempotent: write new files aside and rename them into place.
         Default: the disk usage of `path(snap.id)`."""
         return disk_usage(self.path(snap.id))
+
+    def sync(self, sid: int) -> None:
+        """Make the storage of *sid* survive a power loss: Commit calls it after `convert`,
+        before recording the commit. `create` does not sync (a Prepare per container would
+        pay two fsyncs): an active's content is not durable before Commit anyway, and the
+        daemon recreates actives and views that a power loss took (see `Snapshotter.restore`).
+        """
+        path = self.path(sid)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(self.snapshots_dir)
 
     def committed(self, snap: Snapshot) -> None:  # noqa: B027 (optional hook, default no-op)
         """Commit of *snap* is recorded: free what only the active form needed.

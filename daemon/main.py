@@ -82,7 +82,7 @@ class Daemon:
 
     def _recover(self) -> None:
         for sn in self.snapshotters.values():
-            for sid, key in sn.missing_storage().items():
+            for sid, key in sn.restore().items():
                 log.error("%s: snapshot %r (id %d) has no storage on disk; remove it", sn, key, sid)
             garbage = sn.cleanup(purge=False)
             if garbage:

@@ -48,7 +48,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from daemon.driver import Driver, DriverOptions, Probe, disk_usage, fsync_dir, make_dir
+from daemon.driver import Driver, DriverOptions, Probe, disk_usage, make_dir
 from daemon.model import Kind, Mount, Snapshot, Usage
 
 log = logging.getLogger("polyshim.snapshotd.overlay")
@@ -107,8 +107,6 @@ class OverlayDriver(Driver):
             # The layer root belongs to whoever owns the parent's root (a chowned image root).
             st = os.stat(self.upper(snap.parent_ids[0]))
             os.lchown(path / "fs", st.st_uid, st.st_gid)
-        fsync_dir(path)
-        fsync_dir(self.snapshots_dir)
 
     def mounts(self, snap: Snapshot) -> list[Mount]:
         if not snap.parent_ids:

@@ -137,6 +137,7 @@ class Snapshotter:
                 with self.store.transaction(write=False) as tx:
                     tx.check_commit(name, key, parent)
                 raise
+            self.driver.sync(snap.id)
             with self.store.transaction(write=True) as tx:
                 committed = tx.commit_active(name, key, usage, labels, parent, expect_id=snap.id)
                 self._pause("commit.txn")
@@ -215,12 +216,26 @@ class Snapshotter:
             self.driver.purge()
         return garbage
 
-    def missing_storage(self) -> dict[int, str]:
-        """Snapshots whose storage is gone (id -> key); empty unless someone deleted files."""
-        with self.store.transaction(write=False) as tx:
-            ids = tx.ids()
-        on_disk = self.driver.storage_ids()
-        return {sid: key for sid, key in ids.items() if sid not in on_disk}
+    def restore(self) -> dict[int, str]:
+        """Recreate the storage of active snapshots and views that lost it (a power loss
+        before anything synced it: see `Driver.sync`); return what stays lost (id -> key):
+        committed snapshots, and actives whose parent is lost. Runs at start-up."""
+        lost = {}
+        with self.store.transaction(write=True) as tx:
+            on_disk = self.driver.storage_ids()
+            for sid, key in tx.ids().items():
+                if sid in on_disk:
+                    continue
+                try:
+                    snap = tx.get_snapshot(key)
+                    self.driver.create(snap, tx.get_info(key)[1].labels)
+                except Exception as exc:
+                    lost[sid] = key
+                    log.debug("%s: cannot recreate storage of %r (id %d): %s", self, key, sid, exc)
+                else:
+                    log.warning("%s: %s %r (id %d) had no storage (lost in a crash?); recreated "
+                                "it empty", self, snap.kind.name.lower(), key, sid)  # fmt: skip
+        return lost
 
     def close(self) -> None:
         """Release the driver. Idempotent; the shared Database is closed by its owner."""

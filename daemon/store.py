@@ -26,7 +26,9 @@ leaves the metadata as it was before or after each API call, never in
 between. Storage follows metadata (see `daemon/driver.py`): it is created
 inside the creating transaction before it commits and removed after the
 removing transaction committed, so storage without a row is garbage and
-`Cleanup` may delete it, while a row always has its storage.
+`Cleanup` may delete it, while a row always has its storage (after a power loss,
+actives and views whose storage was not synced yet get it back at start-up: see
+`Driver.sync`).
 
 Durability: `synchronous=FULL`. In WAL mode NORMAL is crash-safe for the
 process but may lose the last transactions on power loss, and containerd

@@ -824,6 +824,43 @@ def test_mounts_survive_a_restart(dut: DriverUnderTest, work: Path, snapd: InPro
         again.close()
 
 
+def test_actives_that_lost_their_storage_come_back_empty_at_a_restart(
+    dut: DriverUnderTest, work: Path, snapd: InProcessSnapshotd
+):
+    """Prepare does not sync its storage (Commit does): after a power loss the daemon
+    recreates what actives and views lost, so their Mounts work again; a committed layer
+    that lost its storage stays an error to act on."""
+    sn = snapd.client(dut.name)
+    driver = next(iter(snapd.daemon.snapshotters.values())).driver
+
+    def storage_of(make: Callable[[], object]) -> Path:
+        before = set(os.listdir(driver.snapshots_dir))
+        make()
+        (added,) = set(os.listdir(driver.snapshots_dir)) - before
+        return driver.snapshots_dir / added
+
+    with mounted(sn.prepare("base-a", ""), work / "base") as root:
+        (root / "hello").write_text("hello\n")
+    sn.commit("base", "base-a")
+    lost = [storage_of(lambda: sn.prepare("top", "base")), storage_of(lambda: sn.view("v", "base"))]
+    sn.close()
+    snapd.close()
+    for path in lost:  # what a power loss before any sync leaves
+        unmount_all(path)
+        remove_tree(path)
+    again = InProcessSnapshotd({dut.name: dut.make}, base=snapd.base)
+    try:
+        client = again.client(dut.name)
+        with mounted(client.mounts("top"), work / "top") as root:
+            assert (root / "hello").read_text() == "hello\n"
+            (root / "new").write_text("writable\n")
+        with mounted(client.mounts("v"), work / "v") as root:
+            assert (root / "hello").read_text() == "hello\n"
+        client.close()
+    finally:
+        again.close()
+
+
 def test_containerd_key_shapes_are_opaque(
     sn: SnapshotClient, snapd: InProcessSnapshotd, dut: DriverUnderTest
 ):
