@@ -172,8 +172,13 @@ def _become_template(socket_dir: str) -> None:
 
 
 def _warm_up() -> None:
-    """Import what a server needs by its first Create and Start, backends included."""
+    """Import what a server needs by its first Create and Start, backends included (the
+    framework's lazy imports too: each would cost every new server its import time)."""
+    from cgroupspy import controllers, nodes  # noqa: F401 - cgroups' v1 files
+
     from shim_framework import cgroups, mounts, oom  # noqa: F401
+    from shim_framework.api.runc.options import oci_pb2  # noqa: F401 - runtime options
+    from shim_framework.api.runtimeoptions.v1 import api_pb2  # noqa: F401
     from shim_framework.registry import Registry
 
     registry = Registry()

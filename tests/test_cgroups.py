@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -212,6 +214,37 @@ def test_of_pid_names_the_cgroup_a_process_was_moved_to(lab: Lab) -> None:
         assert found.v2_path == cg.v2_path
     assert not found.is_same_as(cgroups.self_cgroup())
     assert Cgroup.of_pid(os.getpid()).is_same_as(cgroups.self_cgroup())
+
+
+def test_a_fresh_fork_enters_the_v1_hierarchies_itself(lab: Lab) -> None:
+    """enter_v1 in a forked child moves it in every v1 hierarchy; add_process with v1=False
+    then adds cgroup2 alone, and /proc shows the cgroup everywhere."""
+    require_v1_memory()
+    cg = lab.cgroup()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            cgroups.enter_v1(cg)
+            os.write(write_end, b"in")
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    try:
+        os.close(write_end)
+        assert os.read(read_end, 2) == b"in"
+        entered = Cgroup.of_pid(pid)
+        for controller, path in cg.v1_paths.items():
+            assert entered.v1_paths[controller] == path, controller
+        if cg.v2_path is not None:
+            assert entered.v2_path != cg.v2_path  # not there yet: that takes add_process
+            cgroups.add_process(cg, pid, v1=False)
+            assert Cgroup.of_pid(pid).v2_path == cg.v2_path
+    finally:
+        os.close(read_end)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 def test_of_pid_of_an_exited_process_is_not_found() -> None:

@@ -48,18 +48,28 @@ Start path, measured under containerd 1.6/2.1 on a 2-vCPU VM (shim log lines
     cgroups.create (7 hierarchies on a hybrid host)           ~2 ms
     Reaper.fork of the shim server                            2.5-6 ms
     child runs (after-fork work, fds, signals)                ~3 ms
-    cgroups.add_process: 7 cgroup.procs writes (v1 moves
-      wait for RCU grace periods; one write on cgroup2)       7-17 ms
+    joining the cgroup, where memory is accounted in v1: the
+      worker writes 0 to each v1 `tasks` file itself (a
+      thread moving itself takes no global lock)              ~1 ms
     worker prepares, warm cache: read + sha256 0.2 ms,
       check + deserialize_file 1.2-1.9 ms, engine, store,
-      WASI, linker ~2 ms                                      5.3-6.7 ms
+      WASI, linker ~2 ms                                      4-6 ms
     worker prepares, cold: + compile (serial) and store        42-73 ms (69 ms here)
-    => Create in the backend: 26-41 ms warm, ~95 ms cold; Start: one byte on a pipe.
+    => Create in the backend: 16-19 ms warm, ~80 ms cold; Start: one byte on a pipe,
+       once the cgroup2 move (begun during Create) is done.
+
+The cgroup2 move (a `cgroup.procs` write) waits for an RCU grace period in
+the kernel, 6-15 ms here, while holding the lock every other cgroup move
+needs: it would cost Create that much, and a move of the worker made during
+it would wait too. So it runs on a thread once the worker is in its v1
+hierarchies, while it prepares, and Start waits for it. On a pure cgroup2
+host the backend moves the worker before it prepares (memory must be charged
+to the container from the start).
 
 Skipped on purpose: compiling (cache), parsing the seccomp profile in every
 worker (compiled to BPF once per distinct profile in the shim: ~20 ms for
 containerd's default profile), instantiating before Start, any import in the
-worker. The cgroup join dominates a warm Create on hosts with v1 controllers.
+worker.
 
 Configuration, `[backends.wasm]`:
 
@@ -85,7 +95,7 @@ import select
 import signal as signals
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +143,34 @@ TERMINAL_MESSAGE = (
 )
 
 
+class _JoiningCgroup2:
+    """`cgroups.add_process(cgroup, pid, v1=False)` on a thread of its own.
+
+    Where memory is accounted in cgroup v1 the worker enters the v1 hierarchies itself
+    (`worker.Plan.cgroup`); the cgroup2 move waits out an RCU grace period in the kernel
+    (6-15 ms here), and the worker needs cgroup2 (freezer, hugetlb) only once it runs, so
+    it runs while the worker prepares (started when the worker says it is in its v1
+    hierarchies: the move holds the lock the worker's own move needs) and Create does not
+    wait for it: Start does."""
+
+    def __init__(self, cgroup: cgroups.Cgroup, pid: int) -> None:
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._move, args=(cgroup, pid),
+                                        name=f"cgroup2-join-{pid}", daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def _move(self, cgroup: cgroups.Cgroup, pid: int) -> None:
+        try:
+            cgroups.add_process(cgroup, pid, v1=False)
+        except BaseException as e:
+            self.error = e
+
+    def wait(self, raise_error: bool) -> None:
+        self._thread.join()
+        if raise_error and self.error is not None:
+            raise self.error
+
+
 @attrs.define(eq=False)
 class _Worker:
     """One worker process, from the backend's side.
@@ -144,6 +182,7 @@ class _Worker:
     pidfd: int | None  # None: no pidfds on this kernel (or closed)
     control: int  # write end of its control pipe; -1 once closed
     lock: threading.Lock = attrs.field(factory=threading.Lock)
+    joining: _JoiningCgroup2 | None = None  # its move into cgroup2, still under way
 
     def exited(self) -> bool:
         with self.lock:
@@ -182,9 +221,13 @@ class _Worker:
             time.sleep(0.01)
 
     def release(self, go: bytes | None) -> None:
-        """Write *go* (if any) on the control pipe, then close it."""
+        """Write *go* (if any) on the control pipe, then close it. Before START, the worker
+        must be in all of its cgroup (errors from the cgroup2 move are raised here)."""
         if self.control < 0:
             return
+        if self.joining is not None:
+            joining, self.joining = self.joining, None
+            joining.wait(raise_error=go == worker.START)
         if go is not None:
             with contextlib.suppress(BrokenPipeError):  # it died: its exit is on the way
                 os.write(self.control, go)
@@ -301,7 +344,7 @@ class WasmBackend(Backend):
         record = _Record(container.id, container.spec, rootfs, cgroup, layer=layer)
         try:
             cgroups.update(cgroup, linux.get("resources"))
-            plan = attrs.evolve(plan, memory_usage_file=_memory_usage_file(cgroup))
+            plan = _in_cgroup(plan, cgroup)
             record.init = self._launch(what, plan, container.io, cgroup)
         except BaseException:
             _remove_cgroup(cgroup, what)
@@ -390,7 +433,7 @@ class WasmBackend(Backend):
         plan = self._plan(
             what, record.spec, process.process, record.rootfs, exec_of_init=True, layer=layer
         )
-        plan = attrs.evolve(plan, memory_usage_file=_memory_usage_file(record.cgroup))
+        plan = _in_cgroup(plan, record.cgroup)
         with self._lock:
             if process.exec_id in record.execs:
                 raise AlreadyExists(f"{what}: already exists")
@@ -539,9 +582,14 @@ class WasmBackend(Backend):
         forked = time.monotonic()
         started = _Worker(pid, _pidfd(pid), control_w)
         try:
-            cgroups.add_process(cgroup, pid)
+            if plan.cgroup is None:
+                cgroups.add_process(cgroup, pid)
             os.write(control_w, worker.JOINED)
-            message = _read_status(status_r, self.setup_timeout, f"{what}: {plan.name}")
+
+            def entered() -> None:  # in its v1 hierarchies: now cgroup2 (see _JoiningCgroup2)
+                started.joining = _JoiningCgroup2(cgroup, pid)
+
+            message = _read_status(status_r, self.setup_timeout, f"{what}: {plan.name}", entered)
         except BaseException:
             _stop(started)
             started.close()
@@ -640,6 +688,16 @@ def _cgroup_path(configured: Any, namespace: str, container_id: str) -> str:
     return "/" + configured.strip("/")
 
 
+def _in_cgroup(plan: worker.Plan, cgroup: cgroups.Cgroup) -> worker.Plan:
+    """*plan* for a worker of *cgroup*: where to read its memory use, and whether it enters
+    the cgroup's v1 hierarchies itself (see `worker.Plan.cgroup`)."""
+    return attrs.evolve(
+        plan,
+        memory_usage_file=_memory_usage_file(cgroup),
+        cgroup=cgroup if cgroup.mode() == "v1" else None,
+    )
+
+
 def _memory_usage_file(cgroup: cgroups.Cgroup) -> str | None:
     if cgroup.mode() == "v1":
         directory = cgroup.directory("memory")
@@ -684,8 +742,9 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-def _read_status(fd: int, timeout: float, what: str) -> str:
-    """The worker's status message: everything until it closes its end."""
+def _read_status(fd: int, timeout: float, what: str, entered: Callable[[], None]) -> str:
+    """The worker's status message: everything until it closes its end. A leading
+    `worker.ENTERED` is not part of it: *entered* is called when it arrives."""
     deadline = time.monotonic() + timeout
     data = b""
     while True:
@@ -699,6 +758,9 @@ def _read_status(fd: int, timeout: float, what: str) -> str:
             chunk = os.read(fd, 65536)
             if not chunk:
                 return data.decode(errors="replace")
+            if not data and chunk.startswith(worker.ENTERED):
+                entered()
+                chunk = chunk[len(worker.ENTERED) :]
             data += chunk
 
 

@@ -85,7 +85,7 @@ from typing import Any
 import attrs
 
 from backends.wasm import cache
-from shim_framework import seccomp
+from shim_framework import cgroups, seccomp
 from shim_framework.errors import InvalidArgument, PolyshimError
 
 try:
@@ -100,6 +100,7 @@ STATUS_FD = 6
 CONTROL_FD = 7
 INIT_PIDFD = 8
 JOINED, START = b"J", b"S"
+ENTERED = b"+"  # on STATUS_FD, before the status: in the v1 hierarchies (Plan.cgroup)
 TRAP_STATUS = 134  # 128 + SIGABRT
 RUN_SLACK = 4 << 20  # memory the runtime may still take once the guest runs (measured ~1 MiB)
 MIN_GUEST_MEMORY = 1 << 20
@@ -134,6 +135,10 @@ class Plan:
     # module is an image's wasm layer the backend stored and checked in its own directory
     # (backends.wasm.oci), not a file of the rootfs
     layer: bool = False
+    # Set where memory is accounted in cgroup v1: the worker enters these v1 hierarchies
+    # itself, at once (cgroups.enter_v1: no RCU wait), says so (ENTERED) and prepares while
+    # the backend adds it to cgroup2. Otherwise the backend moves it before it prepares.
+    cgroup: cgroups.Cgroup | None = None
 
 
 class GuestExit(BaseException):
@@ -152,10 +157,15 @@ class _Prepared:
 
 def main(plan: Plan) -> int:
     """The worker, from fork to exit status (Reaper.fork's child)."""
-    if _read_control() != JOINED:
+    if plan.cgroup is None and _read_control() != JOINED:
         return 0  # the backend gave up on us
     try:
+        if plan.cgroup is not None:
+            cgroups.enter_v1(plan.cgroup)
+            _write(STATUS_FD, ENTERED.decode())
         prepared = _prepare(plan)
+        if plan.cgroup is not None and _read_control() != JOINED:
+            return 0  # the backend gave up on us
     except PolyshimError as e:
         _report(f"{type(e).__name__}\t{e}")
         _read_control()  # the backend closes it once it has read the error
