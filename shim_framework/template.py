@@ -25,8 +25,9 @@ after this installation. It takes two kinds of request:
 
 The template exits after IDLE seconds without a request, or soon after the
 code it imported changes on disk (it checks a fingerprint of the framework,
-the backends and the interpreter at most every CHECK_EVERY seconds), so an
-upgraded polyshim never gets a process from an old template.
+the backends and the interpreter after CHECK_EVERY idle seconds, or
+CHECK_BUSY seconds when requests keep coming), so an upgraded polyshim gets
+processes of the new code from then on.
 
 Resource handling: the template owns its listening socket and removes it
 before it stops accepting; each request's fds are closed in the template
@@ -48,7 +49,8 @@ if TYPE_CHECKING:
 
 SOCKET_DIR = "/run/containerd/s"
 IDLE = 600.0  # seconds without a request before the template exits
-CHECK_EVERY = 1.0  # seconds between looks at whether the code changed
+CHECK_EVERY = 1.0  # seconds between looks at whether the code changed, when idle
+CHECK_BUSY = 30.0  # ... and at most this long apart when requests keep coming
 REQUEST_MAX = 1 << 20
 CONNECT_TIMEOUT = 2.0
 SERVER, RUN = "server", "run"  # the two kinds of request
@@ -154,12 +156,17 @@ def _become_template(socket_dir: str) -> None:
             except TimeoutError:
                 if time.monotonic() - last_request >= IDLE:
                     break
+                idle = True
             else:
                 with conn:
                     _serve_request(conn, listener, shim_server, shim_main)
                 last_request = time.monotonic()
+                idle = False
             _reap_workers()
-            if time.monotonic() - checked >= CHECK_EVERY:
+            # Look at the code when idle: right after a request its worker and server need
+            # the CPU. A steady stream of requests still gets a look every CHECK_BUSY.
+            since = time.monotonic() - checked
+            if since >= (CHECK_EVERY if idle else CHECK_BUSY):
                 if _fingerprint() != born_as:
                     break
                 checked = time.monotonic()
