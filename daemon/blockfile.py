@@ -80,7 +80,7 @@ from pathlib import Path
 
 import attrs
 
-from daemon.driver import Driver, DriverOptions, Probe, fsync_dir
+from daemon.driver import Driver, DriverOptions, Probe, fsync
 from daemon.model import Kind, Mount, Snapshot, Usage
 from shim_framework import _platform as plat
 from shim_framework.errors import FailedPrecondition
@@ -225,7 +225,7 @@ class BlockfileDriver(Driver):
             os.rename(tmp, self.scratch)
         finally:
             tmp.unlink(missing_ok=True)
-        fsync_dir(self.root)
+        fsync(self.root)
 
 
 # ---------------------------------------------------------------------- images
@@ -247,7 +247,7 @@ def make_image(path: Path, size: int) -> None:
     names = {line.split("/")[5] for line in listing.splitlines() if line.count("/") >= 6}
     if names != {".", ".."}:
         raise OSError(errno.EIO, f"new image {path}: root holds {sorted(names)}, expected nothing")
-    _fsync(path)
+    fsync(path)
 
 
 def copy_image(source: Path, target: Path) -> str:
@@ -340,7 +340,7 @@ def read_superblock(image: Path) -> Superblock | None:
 
 def image_usage(image: Path) -> Usage:
     """Bytes *image* occupies on disk and inodes in use inside it (see the module docstring)."""
-    _fsync(image)  # settle delayed allocation: st_blocks then counts every written block
+    fsync(image)  # settle delayed allocation: st_blocks then counts every written block
     size = os.stat(image).st_blocks * 512
     sb = read_superblock(image)
     return Usage(size=size, inodes=sb.used_inodes if sb is not None else 1)
@@ -401,14 +401,6 @@ def _run(argv: list[str], ok: tuple[int, ...] = (0,)) -> str:
             errno.EIO, f"{' '.join(argv)} failed with exit status {result.returncode}: {output}"
         )
     return result.stdout.decode(errors="replace")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _mount_test(root: Path) -> None:

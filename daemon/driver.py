@@ -167,13 +167,8 @@ class Driver(abc.ABC):
         pay two fsyncs): an active's content is not durable before Commit anyway, and the
         daemon recreates actives and views that a power loss took (see `Snapshotter.restore`).
         """
-        path = self.path(sid)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_dir(self.snapshots_dir)
+        fsync(self.path(sid))
+        fsync(self.snapshots_dir)
 
     def committed(self, snap: Snapshot) -> None:  # noqa: B027 (optional hook, default no-op)
         """Commit of *snap* is recorded: free what only the active form needed.
@@ -255,9 +250,9 @@ def make_dir(path: Path, mode: int, *, exist_ok: bool = False) -> None:
     os.chmod(path, mode)
 
 
-def fsync_dir(path: Path) -> None:
-    """Persist the entries of directory *path* (new or renamed children)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync(path: Path | str) -> None:
+    """Persist file *path*'s data, or directory *path*'s entries (new or renamed children)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:

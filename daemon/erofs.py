@@ -140,7 +140,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from daemon.driver import DriverOptions, Probe, disk_usage, fsync_dir, make_dir
+from daemon.driver import DriverOptions, Probe, disk_usage, fsync, make_dir
 from daemon.model import Kind, Mount, Snapshot, Usage
 from daemon.overlay import OverlayDriver
 from shim_framework import _platform as plat
@@ -206,7 +206,7 @@ class ErofsDriver(OverlayDriver):
         if images:
             path = self.path(snap.id)
             (path / IMAGES_MARKER).touch(0o600)
-            fsync_dir(path)
+            fsync(path)
 
     def mounts(self, snap: Snapshot) -> list[Mount]:
         if not (self.path(snap.id) / IMAGES_MARKER).exists():
@@ -229,9 +229,9 @@ class ErofsDriver(OverlayDriver):
         os.close(fd)
         try:
             _run([mkfs, *MKFS_OPTIONS, tmp, str(upper)])
-            _fsync(tmp)
+            fsync(tmp)
             os.rename(tmp, path / PENDING)
-            fsync_dir(path)
+            fsync(path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -294,7 +294,7 @@ class ErofsDriver(OverlayDriver):
                     "missing); remove it and unpack the layer again"
                 )
             os.rename(pending, image)
-            fsync_dir(path)
+            fsync(path)
         if os.path.ismount(point):
             return []
         moved = []
@@ -344,14 +344,6 @@ def _run(argv: list[str]) -> None:
         raise OSError(
             errno.EIO, f"{' '.join(argv)} failed with exit status {result.returncode}: {output}"
         )
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _mount_test(root: Path) -> None:

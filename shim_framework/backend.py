@@ -227,6 +227,8 @@ class Backend(abc.ABC):
         return None
 
     # -- optional, each behind a capability --
+    # The task service calls one only when the backend declares its capability (else it
+    # answers Unimplemented naming the backend), so these defaults are never reached.
 
     def exec(self, process: ExecProcess) -> None:  # Cap.EXEC
         """Register an exec process; `start(container_id, exec_id)` follows."""

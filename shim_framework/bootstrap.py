@@ -280,6 +280,11 @@ def _become_daemon(keep: int) -> None:
     os.setsid()
     os.closerange(3, keep)
     os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+    detach_stdio()
+
+
+def detach_stdio() -> None:
+    """/dev/null for fds 0, 1 and 2."""
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)

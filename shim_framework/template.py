@@ -43,6 +43,8 @@ import os
 import sys
 import time
 
+from shim_framework.bootstrap import detach_stdio
+
 TYPE_CHECKING = False  # `import typing` would cost the start path ~15 ms
 if TYPE_CHECKING:
     import socket
@@ -132,7 +134,7 @@ def spawn(socket_dir: str) -> None:
 def _become_template(socket_dir: str) -> None:
     import socket
 
-    _detach_stdio()
+    detach_stdio()
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # nothing of the `start` that spawned us
     os.chdir("/")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -361,13 +363,6 @@ def _run_main(
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        _detach_stdio()  # containerd reads the pipes until every holder closes them
+        detach_stdio()  # containerd reads the pipes until every holder closes them
         conn.sendall(f"{status}\n".encode())
         os._exit(0)
-
-
-def _detach_stdio() -> None:
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)

@@ -457,10 +457,12 @@ def test_v2_limits_for_absent_controllers_are_failed_precondition(lab: Lab) -> N
     require_cgroup2()
     cg = as_v2(lab.cgroup())
     require(cg.directory() is not None, "needs the cgroup2 group")
-    if "pids" in cgroups._v2_root_controllers():
-        pytest.skip("this host offers pids on cgroup2")
+    limits = {"pids": {"pids": {"limit": 5}}, "memory": {"memory": {"limit": 64 * MiB}}}
+    offered = cgroups._v2_root_controllers()
+    absent = [resources for controller, resources in limits.items() if controller not in offered]
+    require(bool(absent), "needs a cgroup2 hierarchy without the pids or memory controller")
     with pytest.raises(FailedPrecondition):
-        cgroups.update(cg, {"pids": {"limit": 5}})
+        cgroups.update(cg, absent[0])
 
 
 def test_cpu_shares_convert_to_weight_as_runc_does() -> None:

@@ -582,9 +582,9 @@ class WasmBackend(Backend):
         forked = time.monotonic()
         started = _Worker(pid, _pidfd(pid), control_w)
         try:
-            if plan.cgroup is None:
+            if plan.cgroup is None:  # else the worker enters v1 itself (worker.Plan.cgroup)
                 cgroups.add_process(cgroup, pid)
-            os.write(control_w, worker.JOINED)
+                os.write(control_w, worker.JOINED)
 
             def entered() -> None:  # in its v1 hierarchies: now cgroup2 (see _JoiningCgroup2)
                 started.joining = _JoiningCgroup2(cgroup, pid)

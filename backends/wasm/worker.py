@@ -164,8 +164,6 @@ def main(plan: Plan) -> int:
             cgroups.enter_v1(plan.cgroup)
             _write(STATUS_FD, ENTERED.decode())
         prepared = _prepare(plan)
-        if plan.cgroup is not None and _read_control() != JOINED:
-            return 0  # the backend gave up on us
     except PolyshimError as e:
         _report(f"{type(e).__name__}\t{e}")
         _read_control()  # the backend closes it once it has read the error
