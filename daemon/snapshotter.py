@@ -251,7 +251,9 @@ class Snapshotter:
         if parent:
             check_key(parent, "parent")
         check_labels(labels)
-        with self.store.transaction(write=True) as tx:
+        # Not durable at once: like its storage, a new snapshot is synced by the next Commit
+        # (losing it to a power loss leaves storage without a row, which Cleanup removes).
+        with self.store.transaction(write=True, durable=False) as tx:
             snap = tx.create_snapshot(kind, key, parent, labels)
             try:
                 self.driver.create(snap, labels)
