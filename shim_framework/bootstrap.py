@@ -26,6 +26,10 @@ import os
 import sys
 import time
 
+TYPE_CHECKING = False  # `import typing` would cost the start path ~15 ms
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 RUNTIME = "io.containerd.polyshim.v2"
 SHIM_BINARY = "containerd-shim-polyshim-v2"
 SOCKET_DIR = "/run/containerd/s"
@@ -185,12 +189,18 @@ def socket_path(address: str, namespace: str, group: str, socket_dir: str = SOCK
     return path
 
 
-def start(flags: Flags, argv: list[str], stdin: bytes, serve: object, warm: bool = False) -> str:
+def start(
+    flags: Flags,
+    argv: list[str],
+    stdin: bytes,
+    serve: object,
+    hand_over: Callable[[_socket.socket], None] | None = None,
+) -> str:
     """The `start` action: return the address to print; fork the server when needed.
 
     *serve* is called in the forked child with (flags, listener) and must not return.
-    *warm*: this process is a fork of the template (see template.py), so a fork of it
-    is as good a server as the template would make.
+    *hand_over*: this process is a fork of the template (see template.py) and becomes
+    the server itself once `start` is reported: it takes the listener instead of a fork.
     """
     bundle = os.getcwd()
     socket_dir = _bootstrap_socket_dir(stdin, flags) or SOCKET_DIR
@@ -198,28 +208,26 @@ def start(flags: Flags, argv: list[str], stdin: bytes, serve: object, warm: bool
     address = "unix://" + path
     if not _serving(path):
         listener = _listen(path)
-        try:
-            _launch_server(flags, argv, listener, socket_dir, serve, warm)
-        finally:
-            listener.close()
+        if hand_over is not None:
+            hand_over(listener)
+        else:
+            try:
+                _launch_server(flags, argv, listener, socket_dir, serve)
+            finally:
+                listener.close()
     with open(os.path.join(bundle, "address"), "w") as f:  # 1.6/1.7 read it after a restart
         f.write(address)
     return address
 
 
 def _launch_server(
-    flags: Flags,
-    argv: list[str],
-    listener: _socket.socket,
-    socket_dir: str,
-    serve: object,
-    warm: bool,
+    flags: Flags, argv: list[str], listener: _socket.socket, socket_dir: str, serve: object
 ) -> None:
     """A warm template forks the server when one runs; otherwise fork it from here, and
     leave a template behind for the next container (see template.py)."""
     from shim_framework import template
 
-    if not warm and template.request_server(listener, argv, socket_dir) is not None:
+    if template.request_server(listener, argv, socket_dir) is not None:
         return
     pid = os.fork()
     if pid == 0:
@@ -232,8 +240,7 @@ def _launch_server(
         finally:
             os._exit(1)
     listener.close()  # the server has it; the template must not inherit it
-    if not warm:
-        template.spawn(socket_dir)
+    template.spawn(socket_dir)
 
 
 def show_as_shim(argv: list[str]) -> None:
@@ -278,9 +285,14 @@ def _become_daemon(keep: int) -> None:
     """A new session, /dev/null for stdio, and no descriptor but *keep* (containerd reads
     `start`'s output until every holder of its pipe closes it)."""
     os.setsid()
+    close_fds_except(keep)
+    detach_stdio()
+
+
+def close_fds_except(keep: int) -> None:
+    """Close every descriptor from 3 up but *keep*."""
     os.closerange(3, keep)
     os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
-    detach_stdio()
 
 
 def detach_stdio() -> None:

@@ -16,9 +16,17 @@ import sys
 
 from shim_framework import __version__, bootstrap
 
+TYPE_CHECKING = False  # `import typing` would cost the start path ~15 ms
+if TYPE_CHECKING:
+    import _socket
+    from collections.abc import Callable
 
-def main(argv: list[str] | None = None, warm: bool = False) -> int:
-    """Run the binary with *argv*; *warm*: in a fork of the template (see template.py)."""
+
+def main(
+    argv: list[str] | None = None, hand_over: Callable[[_socket.socket], None] | None = None
+) -> int:
+    """Run the binary with *argv*. *hand_over*: in a fork of the template, which becomes
+    the server after `start` (see template.py and `bootstrap.start`)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         flags = bootstrap.parse_flags(argv)
@@ -34,7 +42,7 @@ def main(argv: list[str] | None = None, warm: bool = False) -> int:
         return 0
     try:
         if flags.action == "start":
-            address = bootstrap.start(flags, argv, _read_stdin(), _serve, warm)
+            address = bootstrap.start(flags, argv, _read_stdin(), _serve, hand_over)
             sys.stdout.write(address)
             sys.stdout.flush()
             return 0

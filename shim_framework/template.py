@@ -17,11 +17,12 @@ after this installation. It takes two kinds of request:
   template forks twice, so the server is nobody's child but init's, exactly
   like a server `start` forked, and answers with its pid.
 - `run`, from the native launcher (launcher.c): the same three, plus the
-  launcher's stdin, stdout and stderr. The template answers `+`, forks twice,
-  and the grandchild runs the shim binary's `main` on those descriptors (for
-  `start` it forks the server itself) and reports the exit status as
-  `<status>\n`. No answer at all means nothing ran: the launcher runs the
-  action in a new interpreter instead.
+  launcher's stdin, stdout and stderr. The template answers `+`, forks, and
+  the child runs the shim binary's `main` on those descriptors and reports
+  the exit status as `<status>\n`; a `start` that needed a new server then
+  goes on as that server (the template's child still, reaped by it). No
+  answer at all means nothing ran: the launcher runs the action in a new
+  interpreter instead.
 
 The template exits after IDLE seconds without a request, or soon after the
 code it imported changes on disk (it checks a fingerprint of the framework,
@@ -243,7 +244,7 @@ def _serve_request(
             os.close(fd)
         return  # closing without an answer: the requester does the work itself
     if kind == RUN:
-        _fork_worker(argv, env, cwd, fds, conn, template, shim_main)
+        _fork_worker(argv, env, cwd, fds, conn, template, shim_main, shim_server)
     else:
         _fork_server(argv, env, cwd, fds[0], conn, template, shim_server)
 
@@ -256,13 +257,14 @@ def _fork_worker(
     conn: socket.socket,
     template: socket.socket,
     shim_main: object,
+    shim_server: object,
 ) -> None:
-    """One fork, since the launcher waits: the worker stays our child until it exits
-    (collected by _reap_workers)."""
+    """One fork, since the launcher waits: the worker (and the server it may become)
+    stays our child until it exits (collected by _reap_workers)."""
     if os.fork() == 0:
         try:
             template.close()
-            _run_main(argv, env, cwd, fds, conn, shim_main)
+            _run_main(argv, env, cwd, fds, conn, shim_main, shim_server)
         finally:
             os._exit(1)
     for fd in fds:
@@ -329,9 +331,10 @@ def _run_server(
 ) -> None:
     import socket
 
-    from shim_framework.bootstrap import parse_flags, show_as_shim
+    from shim_framework.bootstrap import close_fds_except, parse_flags, show_as_shim
 
     conn.close()
+    close_fds_except(listener_fd)  # nothing of the requester's but the listener
     show_as_shim(argv)
     shim_server.serve(parse_flags(argv), socket.socket(fileno=listener_fd))  # type: ignore[attr-defined]
 
@@ -343,18 +346,23 @@ def _run_main(
     fds: list[int],
     conn: socket.socket,
     shim_main: object,
+    shim_server: object,
 ) -> None:
-    """Be the shim binary on the launcher's stdio; report its exit status on *conn*."""
+    """Be the shim binary on the launcher's stdio; report its exit status on *conn*.
+
+    A `start` that needs a new server hands its listener over instead of forking: once
+    the status is reported this process is that server (one fork per shim, not two)."""
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
     status = 1
+    listeners: list[_socket.socket] = []
     try:
         from shim_framework import _platform
 
         _platform.set_cmdline(["polyshim-template-worker", *argv[-1:]])
         _enter_request(argv, env, cwd)
-        status = shim_main.main(argv, warm=True)  # type: ignore[attr-defined]
+        status = shim_main.main(argv, hand_over=listeners.append)  # type: ignore[attr-defined]
     except BaseException as e:  # the launcher's stderr is containerd's error message
         print(f"containerd-shim-polyshim-v2: {type(e).__name__}: {e}", file=sys.stderr)
     finally:
@@ -365,4 +373,6 @@ def _run_main(
                 pass
         detach_stdio()  # containerd reads the pipes until every holder closes them
         conn.sendall(f"{status}\n".encode())
+        if status == 0 and listeners:
+            _run_server(argv, listeners[0].detach(), conn, shim_server)
         os._exit(0)
