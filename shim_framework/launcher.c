@@ -16,16 +16,23 @@
  * The request, NUL-separated: "run", cwd, argc, argv[1..], environ...; with
  * fds 0, 1 and 2 attached (SCM_RIGHTS). The answer: "+" once the template
  * has taken the request, then "<status>\n" from the process that ran it.
+ *
+ * One case needs no Python at all: `delete` after the shim deleted the task
+ * itself, the usual end of every container. bootstrap.delete then only
+ * answers from the bundle's marker; so does answer_delete, and anything else
+ * (no marker, something still mounted, flags it does not know) goes to Python.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #if !defined(POLYSHIM_PYTHON) || !defined(POLYSHIM_TEMPLATE)
@@ -34,6 +41,8 @@
 
 #define NAME "containerd-shim-polyshim-v2"
 #define REQUEST_MAX (1 << 20) /* the template refuses more */
+#define DELETED_FILE "polyshim.deleted" /* bootstrap.DELETED_FILE: holds the init's pid */
+#define KILLED_STATUS (128 + 9)         /* what bootstrap.delete reports */
 
 extern char **environ;
 
@@ -160,8 +169,157 @@ static ssize_t read_answer(int fd, char *answer, size_t size) {
     return (ssize_t)got;
 }
 
+/* bootstrap._VALUE_FLAGS, and the boolean flag a delete may carry. */
+static const char *const VALUE_FLAGS[] = {
+    "namespace", "address", "publish-binary", "id", "bundle", "socket", "debug-socket", NULL,
+};
+static const char *const BOOL_FLAGS[] = {"debug", NULL};
+
+static int is_flag(const char *name, size_t len, const char *const *flags) {
+    for (; *flags != NULL; flags++)
+        if (strlen(*flags) == len && strncmp(name, *flags, len) == 0)
+            return 1;
+    return 0;
+}
+
+/* The bundle of a `delete` command line, parsed by Go's flag rules as
+ * bootstrap.parse_flags does: "" for none given, NULL when the action is not
+ * `delete` (or is followed by more) or the command line is anything unusual. */
+static const char *delete_bundle(int argc, char **argv) {
+    const char *bundle = "";
+    for (int i = 1; i < argc; i++) {
+        const char *arg = argv[i];
+        if (arg[0] != '-' || arg[1] == '\0')
+            return strcmp(arg, "delete") == 0 && i == argc - 1 ? bundle : NULL;
+        const char *name = arg + (arg[1] == '-' ? 2 : 1);
+        const char *value = strchr(name, '=');
+        size_t len = value != NULL ? (size_t)(value - name) : strlen(name);
+        if (len == 0) /* "--": let Python handle it */
+            return NULL;
+        int is_bool = is_flag(name, len, BOOL_FLAGS);
+        if (!is_bool && !is_flag(name, len, VALUE_FLAGS))
+            return NULL; /* -v, -info, or unknown: not a plain delete */
+        if (!is_bool && value == NULL) {
+            if (i + 1 >= argc)
+                return NULL;
+            value = argv[++i];
+        } else if (value != NULL) {
+            value++;
+        }
+        if (len == 6 && strncmp(name, "bundle", 6) == 0)
+            bundle = value;
+    }
+    return NULL;
+}
+
+/* Is anything mounted at or below `path`? 1 also when mountinfo cannot tell us, or
+ * when `path` holds a character mountinfo escapes (we compare raw fields). */
+static int mounted_at_or_below(const char *path) {
+    if (strpbrk(path, " \t\n\\") != NULL)
+        return 1;
+    FILE *f = fopen("/proc/self/mountinfo", "re");
+    if (f == NULL)
+        return 1;
+    size_t n = strlen(path);
+    char *line = NULL;
+    size_t cap = 0;
+    int found = 0;
+    while (!found && getline(&line, &cap, f) > 0) {
+        char *point = line;
+        for (int field = 0; field < 4 && point != NULL; field++) {
+            point = strchr(point, ' ');
+            if (point != NULL)
+                point++;
+        }
+        if (point == NULL)
+            continue;
+        size_t len = strcspn(point, " \n");
+        found = len >= n && strncmp(point, path, n) == 0 && (len == n || point[n] == '/');
+    }
+    free(line);
+    fclose(f);
+    return found;
+}
+
+static size_t put_varint(unsigned char *out, uint64_t value) {
+    size_t n = 0;
+    while (value > 0x7f) {
+        out[n++] = (unsigned char)(value & 0x7f) | 0x80;
+        value >>= 7;
+    }
+    out[n++] = (unsigned char)value;
+    return n;
+}
+
+/* Field `field` as a varint, left out when zero (proto3). */
+static size_t put_field(unsigned char *out, unsigned field, uint64_t value) {
+    if (value == 0)
+        return 0;
+    size_t n = put_varint(out, field << 3);
+    return n + put_varint(out + n, value);
+}
+
+/* Answer `delete` as bootstrap.delete does when the shim deleted the task itself:
+ * DeleteResponse{pid from the marker, exit_status 137, exited_at now}. Returns
+ * only if that is not the case (then Python decides). */
+static void answer_delete(int argc, char **argv) {
+    char cwd[PATH_MAX], path[PATH_MAX];
+    const char *bundle = delete_bundle(argc, argv);
+    if (bundle == NULL)
+        return;
+    if (bundle[0] == '\0') {
+        if (getcwd(cwd, sizeof cwd) == NULL)
+            return;
+        bundle = cwd;
+    }
+    if ((size_t)snprintf(path, sizeof path, "%s/" DELETED_FILE, bundle) >= sizeof path)
+        return;
+    FILE *f = fopen(path, "re");
+    if (f == NULL)
+        return;
+    char text[32] = "";
+    size_t got = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    text[got] = '\0';
+    char *end;
+    long long pid = strtoll(text, &end, 10);
+    while (*end == ' ' || *end == '\n' || *end == '\t' || *end == '\r')
+        end++;
+    if (*end != '\0' || pid < 0 || pid > INT32_MAX)
+        return;
+    if ((size_t)snprintf(path, sizeof path, "%s/rootfs", bundle) >= sizeof path)
+        return;
+    if (mounted_at_or_below(path))
+        return;
+    char real[PATH_MAX];
+    if (realpath(path, real) != NULL && strcmp(real, path) != 0 && mounted_at_or_below(real))
+        return;
+
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    unsigned char stamp[32], response[64];
+    size_t stamp_len = put_field(stamp, 1, (uint64_t)now.tv_sec);
+    stamp_len += put_field(stamp + stamp_len, 2, (uint64_t)now.tv_nsec);
+    size_t len = put_field(response, 1, (uint64_t)pid);
+    len += put_field(response + len, 2, KILLED_STATUS);
+    len += put_varint(response + len, 3 << 3 | 2);
+    len += put_varint(response + len, stamp_len);
+    memcpy(response + len, stamp, stamp_len);
+    len += stamp_len;
+    for (size_t done = 0; done < len;) {
+        ssize_t n = write(1, response + done, len - done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            exit(1);
+        done += (size_t)n;
+    }
+    exit(0);
+}
+
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
+    answer_delete(argc, argv);
     struct buffer request = {0};
     int fd = connect_template();
     if (fd < 0 || build_request(&request, argc, argv) || send_request(fd, &request)) {

@@ -22,7 +22,7 @@ from google.protobuf import any_pb2
 from shim_framework import bootstrap, launcher, template
 from shim_framework.api.task.v2 import shim_pb2
 from shim_framework.api.types import introspection_pb2
-from tests.harness.requirements import require, require_binary
+from tests.harness.requirements import require, require_binary, require_root
 
 SHIM = bootstrap.SHIM_BINARY
 
@@ -102,12 +102,51 @@ def test_with_a_template_the_template_runs_it(
     assert introspection_pb2.RuntimeInfo.FromString(info.stdout).options == options
 
     bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    bootstrap.mark_deleted(str(bundle), 4242)  # what Delete leaves for the delete action
+    bundle.mkdir()  # no marker: the shim never deleted the task, so Python cleans up
     deleted = run(binary, "-namespace", "ns", "-id", "c1", "delete", cwd=bundle)
     assert deleted.returncode == 0, deleted.stderr
     response = shim_pb2.DeleteResponse.FromString(deleted.stdout)
-    assert (response.pid, response.exit_status) == (4242, 137)
+    assert (response.pid, response.exit_status) == (0, 137)
+
+
+def test_the_usual_delete_is_answered_without_python(tmp_path: Path, socket_dir: Path) -> None:
+    """After the shim deleted the task (its marker in the bundle, nothing mounted) the
+    launcher answers `delete` itself, as Python's delete would; every other case still
+    reaches Python, which this launcher cannot find (127)."""
+    binary = build(tmp_path, socket_dir, python="/nonexistent/python3")
+    bundle = tmp_path / "bundle"
+    (bundle / "rootfs").mkdir(parents=True)
+    bootstrap.mark_deleted(str(bundle), 4242)  # what Delete leaves for the delete action
+    given = ["-namespace", "ns", "-address", "/run/x.sock", "-publish-binary", "/bin/c"]
+    forms = [
+        ([*given, "-id", "c1", "-bundle", str(bundle), "delete"], None),
+        (["-debug", "--namespace=ns", "-id", "c1", f"-bundle={bundle}", "delete"], None),
+        (["-namespace", "ns", "-id", "c1", "delete"], bundle),  # 1.6: the bundle is the cwd
+    ]
+    for args, cwd in forms:
+        result = run(binary, *args, cwd=cwd)
+        assert result.returncode == 0, (args, result.stderr)
+        native = shim_pb2.DeleteResponse.FromString(result.stdout)
+        flags = bootstrap.parse_flags([*args[:-1], "-bundle", str(bundle), "delete"])
+        python = shim_pb2.DeleteResponse.FromString(bootstrap.delete(flags))
+        assert (native.pid, native.exit_status) == (python.pid, python.exit_status) == (4242, 137)
+        assert abs(native.exited_at.ToNanoseconds() - time.time_ns()) < 10 * 10**9
+
+    not_usual = [
+        ["-id", "c1", "-bundle", str(tmp_path), "delete"],  # no marker
+        ["-v", "delete"],
+        ["-frobnicate", "x", "-bundle", str(bundle), "delete"],
+        ["-id", "c1", "-bundle", str(bundle), "start"],
+        ["-bundle", str(bundle), "delete", "more"],
+    ]
+    for args in not_usual:
+        assert run(binary, *args).returncode == 127, args
+    require_root()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(bundle / "rootfs")], check=True)
+    try:  # still mounted: Python unmounts it
+        assert run(binary, "-id", "c1", "-bundle", str(bundle), "delete").returncode == 127
+    finally:
+        subprocess.run(["umount", str(bundle / "rootfs")], check=True)
 
 
 def test_without_template_or_interpreter_it_says_what_to_do(
