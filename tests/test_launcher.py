@@ -175,6 +175,32 @@ def test_a_template_answers_after_its_requester_left(
     assert len(template_pids(running_template)) == 1
 
 
+def test_a_template_gives_way_when_a_distribution_is_installed(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    """The template reads the backends' entry points once for all its forks; a backend
+    installed afterwards must not stay unknown until it idles out: it stops soon after."""
+    site = tmp_path / "site"
+    site.mkdir()
+    path = Path(template.socket_path(str(socket_dir)))
+    spawn = "import sys; from shim_framework import template; template.spawn(sys.argv[1])"
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    subprocess.run([sys.executable, "-c", spawn, str(socket_dir)], check=True, env=env)
+    deadline = time.monotonic() + 30
+    while not template_pids(path):
+        assert time.monotonic() < deadline, f"no template listening at {path}"
+        time.sleep(0.05)
+    time.sleep(template.CHECK_EVERY * 2)
+    assert template_pids(path), "the template stopped although nothing changed"
+    dist = site / "newbackend-1.0.dist-info"
+    dist.mkdir()
+    (dist / "entry_points.txt").write_text("[polyshim.backends]\nnew = newbackend:Backend\n")
+    deadline = time.monotonic() + template.CHECK_EVERY * 5
+    while template_pids(path):
+        assert time.monotonic() < deadline, "the template kept serving with stale entry points"
+        time.sleep(0.1)
+
+
 def test_installed_shim_binary_is_the_native_launcher() -> None:
     """scripts/setup installs it; a silent fall back to the Python script would pass every
     other test, only slower."""
