@@ -362,13 +362,13 @@ class Reaper:
             # Signals stay blocked in the child until its handlers are the defaults: until
             # then a signal would run ours, which write to the wakeup fd (the reaper's pipe,
             # or after the fds are installed, whatever fd now has that number).
-            mask = _signal.pthread_sigmask(signal.SIG_BLOCK, _signal.valid_signals())
+            mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
             try:
                 pid = os.fork()
                 if pid == 0:  # pragma: no cover - runs in the child, which never returns
                     _run_forked_child(child, wanted, setsid)
             finally:
-                _signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
         return pid
 
     def wait(self, pid: int, timeout: float | None = None) -> Exit:
@@ -639,13 +639,13 @@ def _run_forked_child(child: Callable[[], int], fds: dict[int, int], setsid: boo
         for signum in _signal.valid_signals():
             if signum not in (signal.SIGKILL, signal.SIGSTOP):
                 try:
-                    _signal.signal(signum, signal.SIG_DFL)
+                    _signal.signal(signum, _signal.SIG_DFL)
                 except (OSError, ValueError, RuntimeError):
                     pass  # a signal the C library reserves for itself
         _install_child_fds(fds)
         if setsid:
             os.setsid()
-        _signal.pthread_sigmask(signal.SIG_SETMASK, ())  # blocked since the fork
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, ())  # blocked since the fork
         code = child() & 0xFF
     except BaseException:
         try:

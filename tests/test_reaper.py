@@ -161,6 +161,25 @@ def test_owned_spawn_is_waited_for_not_reported(reaper: Reaper, exits: Exits) ->
     assert exits.of(pid) == []
 
 
+def test_forked_child_runs_with_default_signals_and_exits_with_its_int(
+    reaper: Reaper, exits: Exits
+) -> None:
+    """Reaper.fork: child() runs unblocked, with default dispositions (the parent's
+    handlers must not run in it), and its return value is the exit status."""
+
+    def child() -> int:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        handler = signal.getsignal(signal.SIGTERM)
+        return 7 if not blocked and handler == signal.SIG_DFL else 1
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        pid = reaper.fork(child)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exits.wait_for(pid).status == 7
+
+
 def test_wait_timeout_leaves_the_process_waitable(reaper: Reaper) -> None:
     """wait() past its timeout raises CommandTimeout; the exit can still be waited for."""
     pid = reaper.spawn(["sleep", "30"], own=True)
