@@ -8,7 +8,11 @@ machine state:
 - latency of `ctr run --rm` (median, p90): runc-v2 runs busybox `echo hello`,
   polyshim runs `/hello.wasm` (tests/wasm_guests/hello.c) from an image whose
   layer holds it, selected by auto-detection;
-- throughput: --tasks `ctr run --rm` of each, --parallel at a time (tasks/s).
+- throughput: --tasks `ctr run --rm` of each, --parallel at a time (tasks/s),
+  with the CPU time each task costs the machine, split into `ctr`, containerd
+  and the rest (the runtime: shim, runc or wasm worker, and the kernel work
+  they cause). With the CPU busy, tasks/s follows CPU per task, so the rest of
+  runc-v2 over ctr + containerd bounds the throughput ratio any shim can reach.
 The wasm runs are measured twice: cold (each container gets an empty compile
 cache, a `[backends.wasm] cache_dir` of its own through --runtime-config-path,
 so every worker compiles) and warm (one cache, filled beforehand).
@@ -22,7 +26,9 @@ runtimes alike), and for wasm the shim's own figures.
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import resource
 import shutil
 import statistics
 import sys
@@ -97,12 +103,33 @@ class Bench:
             raise RuntimeError(f"{runtime} {cid}: exit {result.returncode}: {result.stderr}")
 
 
-def throughput(run: Callable[[str], None], tag: str, tasks: int, parallel: int) -> float:
-    """Tasks per second for *tasks* runs, *parallel* at a time."""
+def throughput(
+    run: Callable[[str], None], tag: str, tasks: int, parallel: int, containerd_pid: int
+) -> tuple[float, dict[str, float]]:
+    """Tasks per second for *tasks* runs, *parallel* at a time, and the CPU milliseconds
+    per task of `ctr`, of containerd and of everything else the machine did."""
+    before = _cpu_ms(containerd_pid)
     started = time.perf_counter()
     with ThreadPoolExecutor(parallel) as pool:
         list(pool.map(run, [f"{tag}-{i}" for i in range(tasks)]))
-    return tasks / (time.perf_counter() - started)
+    rate = tasks / (time.perf_counter() - started)
+    spent = {k: (v - before[k]) / tasks for k, v in _cpu_ms(containerd_pid).items()}
+    spent["rest"] = spent.pop("busy") - spent["ctr"] - spent["containerd"]
+    return rate, spent
+
+
+def _cpu_ms(containerd_pid: int) -> dict[str, float]:
+    """CPU milliseconds so far: the whole machine's busy time, containerd's, and that of
+    our finished children (every `ctr`)."""
+    tick = 1000 / os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:8]]
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    with open(f"/proc/{containerd_pid}/stat") as f:
+        utime, stime = (int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13])
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ctr = (children.ru_utime + children.ru_stime) * 1000
+    return {"busy": busy * tick, "containerd": (utime + stime) * tick, "ctr": ctr}
 
 
 def _when(line: str) -> float | None:
@@ -175,9 +202,11 @@ def main() -> int:
                 ended = time.time()
                 latencies[name].append(ended - began)
                 split[name].append(phases(ctrd.log_text()[mark:], cid, began, ended))
-        rates = {}
+        rates, cpu = {}, {}
+        assert ctrd.pid is not None
         for name, run in runners.items():
-            rates[name] = throughput(run, f"{name}-tp", args.tasks, args.parallel)
+            rates[name], cpu[name] = throughput(run, f"{name}-tp", args.tasks, args.parallel,
+                                                ctrd.pid)  # fmt: skip
         version = ctrd.install.version()
 
     print(f"containerd {version}; latency: {args.runs} runs each, alternating; throughput: "
@@ -194,6 +223,15 @@ def main() -> int:
         rate = rates[f"wasm-{kind}"] / rates["runc-v2"]
         print(f"wasm {kind}/runc-v2: latency ratio {lat:.2f} (target <= 0.8), "
               f"throughput ratio {rate:.2f} (target >= 2.0)")  # fmt: skip
+
+    print("\nCPU per task in the throughput runs, ms (rest: shim, runc or worker, kernel)")
+    print(f"{'':10} {'ctr':>6} {'ctrd':>6} {'rest':>6} {'total':>6}")
+    for name, spent in cpu.items():
+        print(f"{name:10} {spent['ctr']:6.1f} {spent['containerd']:6.1f} {spent['rest']:6.1f} "
+              f"{sum(spent.values()):6.1f}")  # fmt: skip
+    fixed = cpu["runc-v2"]["ctr"] + cpu["runc-v2"]["containerd"]
+    print(f"a runtime costing no CPU at all would reach a throughput ratio of about "
+          f"{sum(cpu['runc-v2'].values()) / fixed:.2f} (ctr + containerd stay)")  # fmt: skip
 
     print("\nwhere a serial run's time goes (medians, ms):")
     print(f"  {'phase':42} " + " ".join(f"{name:>9}" for name in runners))
