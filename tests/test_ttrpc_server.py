@@ -30,8 +30,10 @@ class ToyTasks:
         self.killed = threading.Event()
         self.wait_cancelled = threading.Event()
         self.waiting = threading.Semaphore(0)
+        self.state_threads: set[int] = set()
 
     def state(self, request, ctx):
+        self.state_threads.add(threading.get_native_id())
         if request.id != "c1":
             raise errors.NotFound(f'task "{request.id}": not found')
         return task.StateResponse(id=request.id, pid=42, bundle="/b")
@@ -136,6 +138,16 @@ def test_fifty_calls_beside_a_blocked_wait_on_one_connection(served) -> None:
         stub.Kill(task.KillRequest(id="c1", signal=9))
         waiter.join(5)
         assert waited[0].exit_status == 137
+
+
+def test_calls_in_a_row_reuse_idle_threads(served) -> None:
+    """A shim's calls come one after another; each must not pay for a new thread."""
+    path, tasks, _ = served
+    with Client.connect(path) as client:
+        stub = Stub(client, TASK)
+        for _ in range(100):
+            assert stub.State(task.StateRequest(id="c1"), timeout=5).pid == 42
+    assert len(tasks.state_threads) <= 5
 
 
 def test_client_disconnecting_mid_call_cancels_it_and_server_goes_on(served) -> None:
