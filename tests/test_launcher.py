@@ -20,8 +20,10 @@ import pytest
 from google.protobuf import any_pb2
 
 from shim_framework import bootstrap, launcher, template
+from shim_framework.api.runtime.bootstrap.v1 import bootstrap_pb2
 from shim_framework.api.task.v2 import shim_pb2
 from shim_framework.api.types import introspection_pb2
+from shim_framework.ttrpc import Client, Stub
 from tests.harness.requirements import require, require_binary, require_root
 
 SHIM = bootstrap.SHIM_BINARY
@@ -199,6 +201,40 @@ def test_a_template_gives_way_when_a_distribution_is_installed(
     while template_pids(path):
         assert time.monotonic() < deadline, "the template kept serving with stale entry points"
         time.sleep(0.1)
+
+
+def test_python_start_serves_with_and_without_a_template(tmp_path: Path, socket_dir: Path) -> None:
+    """Without the native launcher `start` runs in Python: the first forks its server itself
+    and leaves a template behind; the next asks that template for its server. Both servers
+    answer containerd's first call, and show as the shim binary in `ps`."""
+    entry = "import sys; from shim_framework.shim_main import main; sys.exit(main())"
+    try:
+        for cid in ("first", "second"):
+            bundle = tmp_path / cid
+            bundle.mkdir()
+            (bundle / "config.json").write_text('{"ociVersion": "1.0.2", "annotations": {}}')
+            params = bootstrap_pb2.BootstrapParams(instance_id=cid, namespace="ns",
+                                                   socket_dir=str(socket_dir))  # fmt: skip
+            started = subprocess.run(
+                [sys.executable, "-P", "-c", entry, "-namespace", "ns", "-address",
+                 str(tmp_path / "containerd.sock"), "-publish-binary", "/bin/true", "-id", cid,
+                 "start"],
+                input=params.SerializeToString(), capture_output=True, cwd=bundle, timeout=30,
+                env={**os.environ, "TTRPC_ADDRESS": str(tmp_path / "ttrpc.sock")},
+            )  # fmt: skip
+            assert started.returncode == 0, started.stderr
+            address = started.stdout.decode()
+            assert address.startswith(f"unix://{socket_dir}/")
+            with Client.connect(address.removeprefix("unix://")) as client:
+                stub = Stub(client, shim_pb2.DESCRIPTOR.services_by_name["Task"])
+                pid = stub.Connect(shim_pb2.ConnectRequest(id=cid), timeout=10).shim_pid
+                assert Path(f"/proc/{pid}/cmdline").read_bytes().startswith(SHIM.encode())
+                stub.Shutdown(shim_pb2.ShutdownRequest(id=cid), timeout=10)
+            if cid == "first":
+                assert template_pids(Path(template.socket_path(str(socket_dir))))
+    finally:
+        for pid in template_pids(Path(template.socket_path(str(socket_dir)))):
+            os.kill(pid, signal.SIGTERM)
 
 
 def test_installed_shim_binary_is_the_native_launcher() -> None:
