@@ -11,6 +11,7 @@ and calls Cleanup once the image is gone.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import proxy_plugins_toml, unpack_config_toml
+from daemon.main import PAUSES_ENV
 from tests.harness import (
     Dir,
     File,
@@ -138,6 +140,17 @@ def run(ctrd: PrivateContainerd, snapshotter: str, image: str, cid: str, script:
     return result.stdout
 
 
+def wait_for_reconnection(ctrd: PrivateContainerd, snapshotter: str) -> None:
+    """containerd's gRPC client reconnects to a restarted daemon with backoff (max 3 s) and
+    fails calls meanwhile: wait until a Prepare of a probe snapshot gets through."""
+    snapshots = ("snapshots", "--snapshotter", snapshotter)
+    deadline = time.monotonic() + 30
+    while ctrd.ctr(*snapshots, "prepare", "reconnected", check=False).returncode:
+        assert time.monotonic() < deadline, "containerd never reconnected to the daemon"
+        time.sleep(0.2)
+    ctrd.ctr(*snapshots, "rm", "reconnected")
+
+
 def backend_storage(snapshotd: SnapshotdProcess, snapshotter: str) -> list[str]:
     """What the daemon keeps on disk for the snapshotter (snapshots and trash)."""
     root = snapshotd.root / snapshotter
@@ -200,13 +213,46 @@ def test_images_survive_a_daemon_restart(
     image = import_layered(ctrd, snapshotter, layered_archive)
     assert snapshotd.stop() == 0
     snapshotd.start()
-    # containerd's gRPC client reconnects with backoff (max 3 s) and fails calls meanwhile;
-    # `ctr snapshots ls` reaches the daemon (containerd Stats every snapshot it lists).
-    deadline = time.monotonic() + 30
-    while ctrd.ctr("snapshots", "--snapshotter", snapshotter, "ls", check=False).returncode:
-        assert time.monotonic() < deadline, "containerd never reconnected to the daemon"
-        time.sleep(0.2)
+    wait_for_reconnection(ctrd, snapshotter)
     assert run(ctrd, snapshotter, image, "restarted", "cat /data/l3") == "third\n"
+
+
+def test_a_daemon_killed_in_a_commit_leaves_containerd_working(
+    ctrd: PrivateContainerd, snapshotd: SnapshotdProcess, snapshotter: str, layered_archive: Path
+):
+    """SIGKILL inside the metadata transaction of a Commit that containerd's unpack asked
+    for: after a restart the same containerd imports the image and runs it, and its GC leaves
+    no backend snapshot and nothing on disk once the image is gone."""
+    snapshotd.stop()
+    snapshotd.start(env={PAUSES_ENV: "commit.txn=30"})  # every Commit stops there
+    wait_for_reconnection(ctrd, snapshotter)
+    importing = subprocess.Popen(
+        ctrd.ctr_command("images", "import", "--platform", host_platform(), "--snapshotter",
+                         snapshotter, str(layered_archive)),
+        env=ctrd.environ(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "test pause commit.txn" not in snapshotd.log_path.read_text(errors="replace"):
+            assert importing.poll() is None, f"import ended first: {importing.stderr.read()}"
+            assert time.monotonic() < deadline, "containerd's unpack never reached a Commit"
+            time.sleep(0.05)
+        snapshotd.kill()
+    finally:
+        importing.wait(timeout=120)
+    assert importing.returncode != 0  # its Commit died with the daemon
+    snapshotd.start(env={PAUSES_ENV: ""})
+    wait_for_reconnection(ctrd, snapshotter)
+    image = import_layered(ctrd, snapshotter, layered_archive)
+    assert run(ctrd, snapshotter, image, "after-kill", "cat /data/l3") == "third\n"
+
+    ctrd.ctr("images", "rm", "--sync", image)
+    backend = snapshotd.client(snapshotter)
+    deadline = time.monotonic() + 60
+    while left := [i.name for i in backend.list()] + backend_storage(snapshotd, snapshotter):
+        assert time.monotonic() < deadline, f"left behind after the image went: {left}"
+        time.sleep(0.2)
+    backend.close()
 
 
 def test_config_is_accepted_by_containerd(ctrd: PrivateContainerd, snapshotter: str):
