@@ -230,8 +230,11 @@ def test_python_start_serves_with_and_without_a_template(tmp_path: Path, socket_
                 pid = stub.Connect(shim_pb2.ConnectRequest(id=cid), timeout=10).shim_pid
                 assert Path(f"/proc/{pid}/cmdline").read_bytes().startswith(SHIM.encode())
                 stub.Shutdown(shim_pb2.ShutdownRequest(id=cid), timeout=10)
-            if cid == "first":
-                assert template_pids(Path(template.socket_path(str(socket_dir))))
+            if cid == "first":  # it left a template behind, which takes a moment to import
+                deadline = time.monotonic() + 30
+                while not template_pids(Path(template.socket_path(str(socket_dir)))):
+                    assert time.monotonic() < deadline, "the first start left no template"
+                    time.sleep(0.05)
     finally:
         for pid in template_pids(Path(template.socket_path(str(socket_dir)))):
             os.kill(pid, signal.SIGTERM)
