@@ -291,9 +291,6 @@ static void answer_delete(int argc, char **argv) {
         return;
     if (mounted_at_or_below(path))
         return;
-    char real[PATH_MAX];
-    if (realpath(path, real) != NULL && strcmp(real, path) != 0 && mounted_at_or_below(real))
-        return;
 
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
