@@ -67,7 +67,7 @@ class Cap(enum.Enum):
 
 @attrs.frozen
 class Probe:
-    """Whether this host can run a backend, and why not."""
+    """Whether this host can run a backend (or a snapshotd driver), and why not."""
 
     ok: bool
     reason: str = ""
@@ -193,8 +193,9 @@ class Backend(abc.ABC):
     def recognizes(cls, entrypoint: Path) -> bool:
         """Is *entrypoint* (a file inside the rootfs) something only this backend runs?
 
-        Selection's auto-detection asks every allowed backend (rule 3). Read as
-        little as possible: this runs on every Create that no annotation decided."""
+        Selection's auto-detection asks every installed backend (rule 3; policy then
+        refuses a disallowed one, saying why). Read as little as possible: this runs on
+        every Create that no annotation decided."""
         return False
 
     # -- required --

@@ -587,7 +587,8 @@ class WasmBackend(Backend):
                 os.write(control_w, worker.JOINED)
 
             def entered() -> None:  # in its v1 hierarchies: now cgroup2 (see _JoiningCgroup2)
-                started.joining = _JoiningCgroup2(cgroup, pid)
+                if cgroup.directory() is not None:  # else a v1-only host: nothing to join
+                    started.joining = _JoiningCgroup2(cgroup, pid)
 
             message = _read_status(status_r, self.setup_timeout, f"{what}: {plan.name}", entered)
         except BaseException:
@@ -691,15 +692,16 @@ def _cgroup_path(configured: Any, namespace: str, container_id: str) -> str:
 def _in_cgroup(plan: worker.Plan, cgroup: cgroups.Cgroup) -> worker.Plan:
     """*plan* for a worker of *cgroup*: where to read its memory use, and whether it enters
     the cgroup's v1 hierarchies itself (see `worker.Plan.cgroup`)."""
+    mode = cgroup.mode()
     return attrs.evolve(
         plan,
-        memory_usage_file=_memory_usage_file(cgroup),
-        cgroup=cgroup if cgroup.mode() == "v1" else None,
+        memory_usage_file=_memory_usage_file(cgroup, mode),
+        cgroup=cgroup if mode == "v1" else None,
     )
 
 
-def _memory_usage_file(cgroup: cgroups.Cgroup) -> str | None:
-    if cgroup.mode() == "v1":
+def _memory_usage_file(cgroup: cgroups.Cgroup, mode: str) -> str | None:
+    if mode == "v1":
         directory = cgroup.directory("memory")
         return None if directory is None else os.path.join(directory, "memory.usage_in_bytes")
     directory = cgroup.directory()

@@ -32,8 +32,8 @@ whose `org.opencontainers.image.title` is args[0]'s file name runs. The
 An exec process whose args[0] names no file in the rootfs runs the init's
 layer the same way (`reuse`).
 No image, or no wasm layer: `resolve` returns None and the backend reports
-the missing module as always. No containerd address (a Host made without
-one): FailedPrecondition naming the module and the missing address. A file
+the missing module as always; so does a Host made without a containerd
+address (a backend used outside a shim has no image to look at). A file
 args[0] names in the rootfs always wins, so an ordinary image costs no gRPC
 call at all (the lookup and the 0.2 s `import grpc` happen only for
 artifacts).
@@ -173,21 +173,16 @@ def resolve(
     wasm layer.
 
     InvalidArgument: several wasm layers and none named by args[0], or a layer that is no
-    WebAssembly; Unavailable: containerd failed to answer; FailedPrecondition: no containerd
-    address, or the layer cannot be stored. Without a containerd address (a backend used
-    outside a shim) there is no image to look at: None."""
+    WebAssembly; Unavailable: containerd failed to answer; FailedPrecondition: the layer
+    cannot be stored. Without a containerd address (a backend used outside a shim) there is
+    no image to look at: None."""
     args = [str(a) for a in process.get("args") or []]
     path, _, function = (args[0] if args else "").partition("#")
     if path and _names_a_file(rootfs, path):
         return None
-    if not host.grpc_address:
+    address = _address(host)
+    if not address:
         return None  # no containerd to ask (in-process use): the missing module is reported
-    missing = (
-        f"module {path}: no such file in the container's rootfs"
-        if path
-        else "process.args is empty (no module named)"
-    )
-    address = _address(host, f"{what}: {missing}, and looking for a wasm layer of its image")
     try:
         found = _find_layer(address, namespace, container_id, path, what, cache_dir)
     except Unavailable as e:
@@ -211,25 +206,17 @@ def reuse(
     if init is None or (path and _names_a_file(rootfs, path)):
         return None
     if _verified(init.path, init.layer) is None:
-        address = _address(host, f"{what}: fetching wasm layer {init.layer.digest} again")
-        try:
-            kind = _fetch_again(address, namespace, init.layer, init.path, what)
+        try:  # the init's layer came from containerd: the address is there
+            kind = _fetch_again(_address(host), namespace, init.layer, init.path, what)
         except Unavailable as e:
             raise Unavailable(f"{what}: {e}") from e
         init = attrs.evolve(init, kind=kind)
     return _with_process(init, args, function)
 
 
-def _address(host: Any, why: str) -> str:
-    """containerd's gRPC socket path; FailedPrecondition (saying *why* it was needed) when
-    the backend was given none."""
-    address = str(host.grpc_address or "").removeprefix("unix://")
-    if not address:
-        raise FailedPrecondition(
-            f"{why} needs containerd's gRPC address, which the wasm backend was not given "
-            "(Host.grpc_address is empty: the shim's -address flag)"
-        )
-    return address
+def _address(host: Any) -> str:
+    """containerd's gRPC socket path ("" when the backend was given none)."""
+    return str(host.grpc_address or "").removeprefix("unix://")
 
 
 def _names_a_file(rootfs: str, path: str) -> bool:
