@@ -27,9 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from shim_framework import template
+from shim_framework.bootstrap import RUNTIME
 from tests.harness import PrivateContainerd, busybox_image, get_install, import_image
+from tests.harness.template import template_pids
 
-RUNTIMES = {"runc-v2": "io.containerd.runc.v2", "polyshim": "io.containerd.polyshim.v2"}
+RUNTIMES = {"runc-v2": "io.containerd.runc.v2", "polyshim": RUNTIME}
 VENV_BIN = Path(sys.prefix) / "bin"
 
 
@@ -52,11 +55,10 @@ def memory_of(pids: list[int]) -> tuple[int, int]:
 
 
 def helper_pids(runtime: str) -> list[int]:
-    """Processes a runtime keeps besides its shims: polyshim's warm template."""
+    """Processes a runtime keeps besides its shims: this installation's warm template."""
     if runtime != RUNTIMES["polyshim"]:
         return []
-    found = subprocess.run(["pgrep", "-f", "^polyshim-template "], capture_output=True, text=True)
-    return [int(pid) for pid in found.stdout.split()]
+    return template_pids(Path(template.socket_path()))
 
 
 def pods_memory(ctrd: PrivateContainerd, image: str, runtime: str, pods: int, size: int,

@@ -41,7 +41,7 @@ from shim_framework.backend import Mount
 from shim_framework.mounts import mount_all, unmount_all
 from tests.harness import File, Layer, PrivateContainerd, build_oci_archive, get_install
 from tests.harness.images import host_platform
-from tests.harness.snapshotd import SnapshotdProcess, short_tempdir
+from tests.harness.snapshotd import SnapshotdProcess, remove_tree, short_tempdir
 
 PAIRS = [("polyshim-overlay", "overlayfs"), ("polyshim-erofs", "erofs")]
 
@@ -159,7 +159,7 @@ def main() -> int:
     snapshotd = SnapshotdProcess(
         short_tempdir(),
         ",".join(f"{name}={name.removeprefix('polyshim-')}" for name in names),
-        extra_args=("--log-level", "info"),  # as deployed (the test harness logs every call)
+        log_level="info",  # as deployed (the test harness logs every call)
     )
     snapshotd.start()
     try:
@@ -184,6 +184,8 @@ def main() -> int:
                                             statistics.median(cycles[snapshotter]))  # fmt: skip
     finally:
         snapshotd.stop()
+        remove_tree(snapshotd.base)
+        remove_tree(work)
 
     print(f"containerd 2.1, {args.imports} imports (4 layers, ~31 MB) and {args.cycles} "
           "Prepare+mount+Remove cycles per snapshotter")  # fmt: skip

@@ -41,12 +41,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from shim_framework.bootstrap import RUNTIME
 from tests.harness import PrivateContainerd, busybox_image, get_install, import_image
 from tests.harness.images import wasm_image
 from tests.harness.wasm import build_guest
 
 RUNC = "io.containerd.runc.v2"
-POLYSHIM = "io.containerd.polyshim.v2"
+POLYSHIM = RUNTIME
 VENV_BIN = Path(sys.prefix) / "bin"
 # Points in one `ctr run --rm`: the first containerd log line after the previous point that
 # matches ({cid} is the container); a phase ends at each point found. Lines the daemon writes
@@ -136,9 +137,7 @@ def _when(line: str) -> float | None:
     found = re.match(r'time="([^"]+)"', line)
     if not found:
         return None
-    stamp = found.group(1).rstrip("Z")
-    stamp = stamp[:26] if "." in stamp else stamp  # microseconds: what fromisoformat takes
-    return datetime.fromisoformat(stamp + "+00:00").timestamp()
+    return datetime.fromisoformat(found.group(1)).timestamp()  # 3.11 reads containerd's form
 
 
 def phases(log: str, cid: str, began: float, ended: float) -> dict[str, float]:

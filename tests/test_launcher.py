@@ -25,6 +25,7 @@ from shim_framework.api.task.v2 import shim_pb2
 from shim_framework.api.types import introspection_pb2
 from shim_framework.ttrpc import Client, Stub
 from tests.harness.requirements import require, require_binary, require_root
+from tests.harness.template import template_pids
 
 SHIM = bootstrap.SHIM_BINARY
 
@@ -59,12 +60,6 @@ def running_template(socket_dir: Path) -> Iterator[Path]:
     yield path
     for pid in template_pids(path):
         os.kill(pid, signal.SIGTERM)
-
-
-def template_pids(path: Path) -> list[int]:
-    found = subprocess.run(["pgrep", "-f", f"^polyshim-template {path}"],
-                           capture_output=True, text=True)  # fmt: skip
-    return [int(pid) for pid in found.stdout.split()]
 
 
 def run(binary: Path, *args: str, stdin: bytes = b"", cwd: Path | None = None):

@@ -66,9 +66,6 @@ class SnapshotClient:
         """A client for another snapshotter on the same socket."""
         return SnapshotClient(self.socket, name, self.timeout)
 
-    def wait_ready(self, timeout: float = 30) -> None:
-        grpc.channel_ready_future(self.channel).result(timeout=timeout)
-
     def _call(self, method: str, request: object) -> object:
         try:
             return getattr(self.stub, method)(request, timeout=self.timeout)
@@ -201,6 +198,7 @@ class SnapshotdProcess:
         *,
         extra_args: tuple[str, ...] = (),
         env: Mapping[str, str] | None = None,
+        log_level: str = "debug",
     ) -> None:
         self.base = Path(base)
         self.root = self.base / "root"
@@ -209,6 +207,7 @@ class SnapshotdProcess:
         self.snapshotters = snapshotters
         self.extra_args = tuple(extra_args)
         self.env = dict(env or {})
+        self.log_level = log_level
         self.proc: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
@@ -223,7 +222,7 @@ class SnapshotdProcess:
             "--snapshotters",
             self.snapshotters,
             "--log-level",
-            "debug",
+            self.log_level,
             *self.extra_args,
         ]
 
@@ -269,10 +268,6 @@ class SnapshotdProcess:
             return False
         finally:
             channel.close()
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def kill(self) -> None:
         """SIGKILL: no cleanup of any kind, as a crash."""
