@@ -76,6 +76,7 @@ from typing import ClassVar
 import attrs
 
 from daemon.model import Kind, Mount, Snapshot, Usage
+from shim_framework.backend import Probe
 from shim_framework.mounts import unmount_all
 
 log = logging.getLogger("polyshim.snapshotd.driver")
@@ -89,22 +90,6 @@ class DriverOptions:
     blockfile_size: int | None = None
     #: Extra overlay mount options (containerd's `mount_options`), after ours.
     mount_options: tuple[str, ...] = ()
-
-
-@attrs.frozen
-class Probe:
-    """Whether this host can run a driver, and why not."""
-
-    ok: bool
-    reason: str = ""
-
-    @classmethod
-    def yes(cls) -> Probe:
-        return cls(True)
-
-    @classmethod
-    def no(cls, reason: str) -> Probe:
-        return cls(False, reason)
 
 
 class Driver(abc.ABC):

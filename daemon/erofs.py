@@ -230,8 +230,7 @@ class ErofsDriver(OverlayDriver):
         try:
             _run([mkfs, *MKFS_OPTIONS, tmp, str(upper)])
             fsync(tmp)
-            os.rename(tmp, path / PENDING)
-            fsync(path)
+            os.rename(tmp, path / PENDING)  # made durable by `sync`, which Commit calls next
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -156,8 +156,9 @@ def _snapshotters(text: str) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    available = registry.available()
     drivers = ", ".join(
-        d if d in registry.available() else f"{d} (not available yet)" for d in registry.DRIVERS
+        d if d in available else f"{d} (not available yet)" for d in registry.DRIVERS
     )
     parser = argparse.ArgumentParser(
         prog="polyshim-snapshotd",

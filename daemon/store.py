@@ -94,7 +94,7 @@ _SCHEMA = (
     """,
 )
 
-_BUSY_TIMEOUT_MS = 30_000  # only another process on the same file can make us wait
+_BUSY_TIMEOUT = 30.0  # seconds; only another process on the same file can make us wait
 
 
 class Database:
@@ -143,9 +143,9 @@ class Database:
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves (Python 3.11 has no autocommit=).
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               timeout=_BUSY_TIMEOUT)  # fmt: skip
         conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
         return conn
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
