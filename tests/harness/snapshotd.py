@@ -56,7 +56,7 @@ class SnapshotClient:
         self.socket = Path(socket)
         self.name = name
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(f"unix:{self.socket}")
+        self.channel = _channel(self.socket)
         self.stub = pb_grpc.SnapshotsStub(self.channel)
 
     def close(self) -> None:
@@ -260,7 +260,7 @@ class SnapshotdProcess:
     def _serving(self) -> bool:
         if not self.socket.is_socket():
             return False
-        channel = grpc.insecure_channel(f"unix:{self.socket}")
+        channel = _channel(self.socket)
         try:
             grpc.channel_ready_future(channel).result(timeout=0.5)
             return True
@@ -308,6 +308,13 @@ class SnapshotdProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _channel(socket: Path) -> grpc.Channel:
+    """A channel with connections of its own. grpc shares them between a process's channels
+    by default, so after a daemon restart a new channel could take over the dead daemon's
+    connection, still marked ready: `_serving` answered yes before the new daemon listened."""
+    return grpc.insecure_channel(f"unix:{socket}", options=[("grpc.use_local_subchannel_pool", 1)])
 
 
 def remove_tree(path: Path) -> None:
