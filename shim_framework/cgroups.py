@@ -303,22 +303,27 @@ def update(cg: Cgroup, resources: Mapping[str, Any] | None) -> None:
     _apply(cg, _Resources.parse(resources))
 
 
-def add_process(cg: Cgroup, pid: int, v1: bool = True) -> None:
-    """Move process *pid* (all its threads) into *cg* in every hierarchy *cg* has a path in;
-    with *v1* False only into cgroup2 (the process enters the v1 ones itself: `enter_v1`).
+def add_process(cg: Cgroup, pid: int) -> None:
+    """Move process *pid* (all its threads) into *cg* in every hierarchy *cg* has a path in.
+
+    FailedPrecondition: no mounted hierarchy shows *cg*. NotFound: the process or the cgroup
+    is gone."""
+    directories = _v1_directories(cg)
+    if not directories and cg.directory() is None:
+        raise FailedPrecondition(f"{cg}: no mounted hierarchy shows it; cannot add process {pid}")
+    for controller, directory in directories:
+        _V1Controller(controller, directory).write("cgroup.procs", pid, cg)
+    add_process_v2(cg, pid)
+
+
+def add_process_v2(cg: Cgroup, pid: int) -> None:
+    """Move process *pid* into *cg* in cgroup2 only, for one that enters the v1 hierarchies
+    itself (`enter_v1`); nothing where cgroup2 does not show *cg*.
 
     NotFound: the process or the cgroup is gone."""
-    wrote = False
-    if v1:
-        for controller, directory in _v1_directories(cg):
-            _V1Controller(controller, directory).write("cgroup.procs", pid, cg)
-            wrote = True
     directory = cg.directory()
     if directory is not None:
         _write(directory, "cgroup.procs", pid, cg)
-        wrote = True
-    if not wrote and v1:
-        raise FailedPrecondition(f"{cg}: no mounted hierarchy shows it; cannot add process {pid}")
 
 
 def enter_v1(cg: Cgroup) -> None:

@@ -217,7 +217,7 @@ def test_of_pid_names_the_cgroup_a_process_was_moved_to(lab: Lab) -> None:
 
 
 def test_a_fresh_fork_enters_the_v1_hierarchies_itself(lab: Lab) -> None:
-    """enter_v1 in a forked child moves it in every v1 hierarchy; add_process with v1=False
+    """enter_v1 in a forked child moves it in every v1 hierarchy; add_process_v2
     then adds cgroup2 alone, and /proc shows the cgroup everywhere."""
     require_v1_memory()
     cg = lab.cgroup()
@@ -238,8 +238,8 @@ def test_a_fresh_fork_enters_the_v1_hierarchies_itself(lab: Lab) -> None:
         for controller, path in cg.v1_paths.items():
             assert entered.v1_paths[controller] == path, controller
         if cg.v2_path is not None:
-            assert entered.v2_path != cg.v2_path  # not there yet: that takes add_process
-            cgroups.add_process(cg, pid, v1=False)
+            assert entered.v2_path != cg.v2_path  # not there yet: that takes add_process_v2
+            cgroups.add_process_v2(cg, pid)
             assert Cgroup.of_pid(pid).v2_path == cg.v2_path
     finally:
         os.close(read_end)

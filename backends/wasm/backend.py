@@ -144,7 +144,7 @@ TERMINAL_MESSAGE = (
 
 
 class _JoiningCgroup2:
-    """`cgroups.add_process(cgroup, pid, v1=False)` on a thread of its own.
+    """`cgroups.add_process_v2(cgroup, pid)` on a thread of its own.
 
     Where memory is accounted in cgroup v1 the worker enters the v1 hierarchies itself
     (`worker.Plan.cgroup`); the cgroup2 move waits out an RCU grace period in the kernel
@@ -161,7 +161,7 @@ class _JoiningCgroup2:
 
     def _move(self, cgroup: cgroups.Cgroup, pid: int) -> None:
         try:
-            cgroups.add_process(cgroup, pid, v1=False)
+            cgroups.add_process_v2(cgroup, pid)
         except BaseException as e:
             self.error = e
 
