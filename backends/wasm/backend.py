@@ -325,10 +325,10 @@ class WasmBackend(Backend):
             raise FailedPrecondition(f"{what}: {problem}")
         rootfs = _rootfs(container)
         ns, cid = container.namespace, container.id
-        layer = oci.resolve(self.host, ns, cid, rootfs, container.process, what, self.cache_dir)
-        plan = self._plan(
-            what, container.spec, container.process, rootfs, exec_of_init=False, layer=layer
-        )
+        plan, layer = self._plan(
+            what, container.spec, container.process, rootfs, exec_of_init=False,
+            layer_of=lambda args: oci.resolve(self.host, ns, cid, args, what, self.cache_dir),
+        )  # fmt: skip
         linux = container.spec.get("linux") or {}
         path = _cgroup_path(linux.get("cgroupsPath"), container.namespace, container.id)
         cgroup = cgroups.create(path)
@@ -429,10 +429,10 @@ class WasmBackend(Backend):
         if process.io.terminal or process.process.get("terminal"):
             raise Unimplemented(TERMINAL_MESSAGE)
         ns = self.host.namespace
-        layer = oci.reuse(record.layer, self.host, ns, record.rootfs, process.process, what)
-        plan = self._plan(
-            what, record.spec, process.process, record.rootfs, exec_of_init=True, layer=layer
-        )
+        plan, _ = self._plan(
+            what, record.spec, process.process, record.rootfs, exec_of_init=True,
+            layer_of=lambda args: oci.reuse(record.layer, self.host, ns, args, what),
+        )  # fmt: skip
         plan = _in_cgroup(plan, record.cgroup)
         with self._lock:
             if process.exec_id in record.execs:
@@ -493,22 +493,25 @@ class WasmBackend(Backend):
         rootfs: str,
         *,
         exec_of_init: bool,
-        layer: oci.Resolved | None = None,
-    ) -> worker.Plan:
-        """The worker's job for OCI *process* (whose module is *layer*, an image's wasm
-        layer, when given); InvalidArgument for what cannot work."""
+        layer_of: Callable[[list[str]], oci.Resolved | None],
+    ) -> tuple[worker.Plan, oci.Resolved | None]:
+        """The worker's job for OCI *process*, and the image's wasm layer it runs, if any:
+        args[0]'s file in the rootfs, else what *layer_of* (`oci.resolve`, `oci.reuse`)
+        finds for args. InvalidArgument for what cannot work."""
+        args = [str(a) for a in process.get("args") or []]
+        layer = None
+        try:
+            module = _module(what, rootfs, args)
+        except InvalidArgument:  # no such file: the module may be a wasm layer of the image
+            layer = layer_of(args)
+            if layer is None:
+                raise
         if layer is not None:
             module, name, kind = layer.path, layer.name, layer.kind
             function, argv = layer.function, layer.argv
         else:
-            args = [str(a) for a in process.get("args") or []]
-            if not args or not args[0]:
-                raise InvalidArgument(
-                    f"{what}: process.args is empty; args[0] must name the module to run "
-                    "(a .wasm file in the rootfs, optionally with #function)"
-                )
             name, _, function = args[0].partition("#")
-            module, argv = _module(what, rootfs, name), tuple(args)
+            argv = tuple(args)
             with open(module, "rb") as f:
                 kind = cache.kind_of(f.read(8))
             if kind is None:
@@ -523,7 +526,7 @@ class WasmBackend(Backend):
             program = self._seccomp(linux.get("seccomp"))
         except PolyshimError as e:
             raise type(e)(f"{what}: {e}") from e
-        return worker.Plan(
+        plan = worker.Plan(
             module=module,
             name=name,
             kind=kind,
@@ -546,6 +549,7 @@ class WasmBackend(Backend):
             die_with_init=exec_of_init,
             layer=layer is not None,
         )
+        return plan, layer
 
     def _launch(
         self,
@@ -653,9 +657,15 @@ def _rootfs(container: Container) -> str:
     return os.path.realpath(path)
 
 
-def _module(what: str, rootfs: str, name: str) -> str:
-    """The host path of module *name*, resolved inside the rootfs (`..` and absolute symlinks
-    stay in it); InvalidArgument when it is not a regular file there."""
+def _module(what: str, rootfs: str, args: list[str]) -> str:
+    """The host path of args[0]'s module, resolved inside the rootfs (`..` and absolute
+    symlinks stay in it); InvalidArgument when it is not a regular file there."""
+    if not args or not args[0]:
+        raise InvalidArgument(
+            f"{what}: process.args is empty; args[0] must name the module to run "
+            "(a .wasm file in the rootfs, optionally with #function)"
+        )
+    name = args[0].partition("#")[0]
     try:
         path = resolve_in_root(Path(rootfs), name)
     except (NotFound, InvalidArgument) as e:

@@ -79,8 +79,6 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -93,7 +91,6 @@ from shim_framework.errors import (
     PolyshimError,
     Unavailable,
 )
-from shim_framework.rootfs import resolve_in_root
 
 log = logging.getLogger("polyshim.backend.wasm")
 
@@ -160,50 +157,33 @@ class Resolved:
 
 
 def resolve(
-    host: Any,
-    namespace: str,
-    container_id: str,
-    rootfs: str,
-    process: Mapping[str, Any],
-    what: str,
-    cache_dir: str,
+    host: Any, namespace: str, container_id: str, args: list[str], what: str, cache_dir: str
 ) -> Resolved | None:
-    """The image layer to run for the init *process*, stored in *cache_dir*; None when
-    args[0] names a file in the rootfs (the ordinary case) or the container's image has no
-    wasm layer.
+    """The image layer to run for the init process with *args*, whose args[0] names no file
+    in the rootfs, stored in *cache_dir*; None when the container's image has no wasm layer.
 
     InvalidArgument: several wasm layers and none named by args[0], or a layer that is no
     WebAssembly; Unavailable: containerd failed to answer; FailedPrecondition: the layer
     cannot be stored. Without a containerd address (a backend used outside a shim) there is
     no image to look at: None."""
-    args = [str(a) for a in process.get("args") or []]
-    path, _, function = (args[0] if args else "").partition("#")
-    if path and _names_a_file(rootfs, path):
-        return None
     address = _address(host)
     if not address:
         return None  # no containerd to ask (in-process use): the missing module is reported
+    path = (args[0] if args else "").partition("#")[0]
     try:
         found = _find_layer(address, namespace, container_id, path, what, cache_dir)
     except Unavailable as e:
         raise Unavailable(f"{what}: {e}") from e
-    return None if found is None else _with_process(found, args, function)
+    return None if found is None else _with_process(found, args)
 
 
 def reuse(
-    init: Resolved | None,
-    host: Any,
-    namespace: str,
-    rootfs: str,
-    process: Mapping[str, Any],
-    what: str,
+    init: Resolved | None, host: Any, namespace: str, args: list[str], what: str
 ) -> Resolved | None:
-    """For an exec *process* of a container whose init runs layer *init*: that layer, unless
-    args[0] names a file in the rootfs (then None, as for any exec). The stored file is
-    checked again, and fetched again if it fails the check."""
-    args = [str(a) for a in process.get("args") or []]
-    path, _, function = (args[0] if args else "").partition("#")
-    if init is None or (path and _names_a_file(rootfs, path)):
+    """For an exec process with *args*, whose args[0] names no file in the rootfs, of a
+    container whose init runs layer *init*: that layer (None without one). The stored file
+    is checked again, and fetched again if it fails the check."""
+    if init is None:
         return None
     if _verified(init.path, init.layer) is None:
         try:  # the init's layer came from containerd: the address is there
@@ -211,7 +191,7 @@ def reuse(
         except Unavailable as e:
             raise Unavailable(f"{what}: {e}") from e
         init = attrs.evolve(init, kind=kind)
-    return _with_process(init, args, function)
+    return _with_process(init, args)
 
 
 def _address(host: Any) -> str:
@@ -219,15 +199,9 @@ def _address(host: Any) -> str:
     return str(host.grpc_address or "").removeprefix("unix://")
 
 
-def _names_a_file(rootfs: str, path: str) -> bool:
-    try:
-        return resolve_in_root(Path(rootfs), path).is_file()
-    except (NotFound, InvalidArgument):
-        return False
-
-
-def _with_process(resolved: Resolved, args: list[str], function: str) -> Resolved:
-    name = (args[0].partition("#")[0] if args else "") or "/" + resolved.layer.title
+def _with_process(resolved: Resolved, args: list[str]) -> Resolved:
+    path, _, function = (args[0] if args else "").partition("#")
+    name = path or "/" + resolved.layer.title
     argv = tuple(args) if args else (name,)
     return attrs.evolve(resolved, argv=argv, name=name, function=function)
 
