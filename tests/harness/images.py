@@ -233,6 +233,28 @@ def _canonical_json(obj: Any) -> bytes:
 # ---------------------------------------------------------------------- archives
 
 
+def _add_blob(
+    blobs: dict[str, bytes], media_type: str, data: bytes, **fields: Any
+) -> dict[str, Any]:
+    """Store *data* in *blobs* under its digest; its descriptor (plus *fields*)."""
+    digest = _sha256(data)
+    blobs[digest] = data
+    return {"mediaType": media_type, "digest": digest, "size": len(data), **fields}
+
+
+def _add_tar_layers(
+    blobs: dict[str, bytes], layers: list[Layer]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Store each of *layers* gzipped in *blobs*: their descriptors and their diff_ids."""
+    descriptors: list[dict[str, Any]] = []
+    diff_ids: list[str] = []
+    for layer in layers:
+        raw = layer.tar_bytes()
+        diff_ids.append(_sha256(raw))
+        descriptors.append(_add_blob(blobs, MEDIA_LAYER_GZIP, _gzip(raw)))
+    return descriptors, diff_ids
+
+
 def build_oci_archive(dest: Path, name: str, layers: list[Layer], config: dict[str, Any]) -> Path:
     """Write an OCI image archive (a tar of an OCI layout) to ``dest`` and return it.
 
@@ -242,21 +264,7 @@ def build_oci_archive(dest: Path, name: str, layers: list[Layer], config: dict[s
     """
     dest = Path(dest)
     blobs: dict[str, bytes] = {}
-
-    def add_blob(data: bytes) -> str:
-        digest = _sha256(data)
-        blobs[digest] = data
-        return digest
-
-    layer_descs = []
-    diff_ids = []
-    for layer in layers:
-        raw = layer.tar_bytes()
-        diff_ids.append(_sha256(raw))
-        compressed = _gzip(raw)
-        layer_descs.append(
-            {"mediaType": MEDIA_LAYER_GZIP, "digest": add_blob(compressed), "size": len(compressed)}
-        )
+    layer_descs, diff_ids = _add_tar_layers(blobs, layers)
 
     image_config = dict(config)
     image_config.setdefault("architecture", host_architecture())
@@ -268,11 +276,7 @@ def build_oci_archive(dest: Path, name: str, layers: list[Layer], config: dict[s
     manifest = {
         "schemaVersion": 2,
         "mediaType": MEDIA_MANIFEST,
-        "config": {
-            "mediaType": MEDIA_CONFIG,
-            "digest": add_blob(config_bytes),
-            "size": len(config_bytes),
-        },
+        "config": _add_blob(blobs, MEDIA_CONFIG, config_bytes),
         "layers": layer_descs,
     }
     platform = {"architecture": image_config["architecture"], "os": image_config["os"]}
@@ -387,29 +391,11 @@ def wasm_artifact(
     """
     tar_layers = tar_layers or []
     blobs: dict[str, bytes] = {}
-
-    def add_blob(data: bytes) -> str:
-        digest = _sha256(data)
-        blobs[digest] = data
-        return digest
-
-    descriptors: list[dict[str, Any]] = []
-    diff_ids = []
-    for layer in tar_layers:
-        raw = layer.tar_bytes()
-        diff_ids.append(_sha256(raw))
-        compressed = _gzip(raw)
-        descriptors.append(
-            {"mediaType": MEDIA_LAYER_GZIP, "digest": add_blob(compressed), "size": len(compressed)}
-        )
+    descriptors, diff_ids = _add_tar_layers(blobs, tar_layers)
     for wasm_layer in layers:
+        title = {"org.opencontainers.image.title": wasm_layer.title}
         descriptors.append(
-            {
-                "mediaType": wasm_layer.media_type,
-                "digest": add_blob(wasm_layer.wasm),
-                "size": len(wasm_layer.wasm),
-                "annotations": {"org.opencontainers.image.title": wasm_layer.title},
-            }
+            _add_blob(blobs, wasm_layer.media_type, wasm_layer.wasm, annotations=title)
         )
     component = any(w.wasm[:8] == _COMPONENT_HEADER for w in layers)
     config: dict[str, Any] = {
@@ -427,11 +413,7 @@ def wasm_artifact(
         config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
         config_type = MEDIA_CONFIG
     config_bytes = _canonical_json(config)
-    manifest["config"] = {
-        "mediaType": config_type,
-        "digest": add_blob(config_bytes),
-        "size": len(config_bytes),
-    }
+    manifest["config"] = _add_blob(blobs, config_type, config_bytes)
     manifest["layers"] = descriptors
     return _write_layout(Path(dest), name, blobs, _canonical_json(manifest), None)
 
