@@ -28,10 +28,12 @@ shim's log). Deserializing is unsafe for bytes we did not produce (wasmtime's
 contract), so only this 0700 directory is ever read, and the backend refuses a
 directory other users can reach.
 
-Writing: to `.<key>.<pid>.tmp` in the same directory (O_EXCL, 0600), fsync,
-then `os.replace`: readers see the old file or the whole new one, concurrent
+Writing (`store`, also for the image wasm layers of `backends.wasm.oci`): to
+`.<key>.<pid>.<thread>.tmp` in the same directory (O_EXCL, 0600), fsync, then
+`os.replace`: readers see the old file or the whole new one, concurrent
 writers of one key each replace it with an identical artifact, a crash leaves
-a temp file at worst (never read; the next writer with that pid removes it).
+a temp file at worst (never read; the next writer with that pid and thread
+removes it).
 A failed write (disk full, read-only) only costs the next start a compile.
 Nothing evicts entries: the directory grows with every distinct module.
 
@@ -46,6 +48,7 @@ import hashlib
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -155,7 +158,8 @@ def load(
         raise InvalidArgument(f"{name}: not a valid WebAssembly {kind}: {cause(e)}") from None
     how = "recompiled" if bad else "compiled"
     try:
-        store(path, bytes(compiled.serialize()))
+        artifact = bytes(compiled.serialize())
+        store(path, artifact + TRAILER + hashlib.sha256(artifact).digest())
     except OSError as e:
         note(f"wasm cache: cannot write {path}: {e.strerror}; the next start compiles again")
         how = "uncached"
@@ -209,20 +213,20 @@ def check(fd: int, st: os.stat_result | None = None) -> str | None:
     return None
 
 
-def store(path: str, artifact: bytes) -> None:
-    """Write *artifact* and its trailer to *path* atomically (module docstring)."""
+def store(path: str, data: bytes) -> None:
+    """Write *data* to *path* atomically (module docstring, "Writing")."""
     directory, name = os.path.split(path)
-    temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    temporary = os.path.join(directory, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
         fd = os.open(temporary, flags, 0o600)
-    except FileExistsError:  # left by a writer that died with our pid: nobody else's now
+    except FileExistsError:  # left by a writer that died as our thread: nobody else's now
         os.unlink(temporary)
         fd = os.open(temporary, flags, 0o600)
     try:
-        data = memoryview(artifact + TRAILER + hashlib.sha256(artifact).digest())
-        while data:
-            data = data[os.write(fd, data) :]
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -258,8 +262,8 @@ def directory_problem(directory: str) -> str | None:
     if st.st_uid != os.geteuid() or st.st_mode & 0o077:
         return (
             f"cache directory {directory} must be owned by uid {os.geteuid()} with mode 0700 "
-            f"(it has uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): artifacts in it are "
-            "loaded as machine code; fix it, or point backends.wasm.cache_dir elsewhere"
+            f"(it has uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): what is in it is "
+            "run as machine code or WebAssembly; fix it, or point backends.wasm.cache_dir elsewhere"
         )
     if not os.access(directory, os.W_OK | os.X_OK):
         return f"cache directory {directory} is not writable"

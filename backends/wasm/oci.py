@@ -40,9 +40,9 @@ artifacts).
 
 Where the module is kept: in the shim's own directory, never in the rootfs.
 The checked bytes go to LAYER_DIR in the backend's compile cache directory
-(`<cache_dir>/layers/<algorithm>-<hex>.wasm`; the cache directory is 0700
-and the backend's, `cache.directory_problem`), mode 0600, written under a
-temporary name and renamed, so a reader sees no partial file. The worker
+(`<cache_dir>/layers/<algorithm>-<hex>.wasm`; both directories 0700 and the
+backend's, `cache.directory_problem`), mode 0600, written as the compile
+cache writes (`cache.store`), so a reader sees no partial file. The worker
 loads that host path directly (`worker.Plan.layer`); the guest does not see
 the file, and its argv still names the module as args[0] does. A stored
 file is used again only after its digest is checked again (a bad one is
@@ -78,7 +78,6 @@ import logging
 import os
 import re
 import stat
-import threading
 from typing import Any
 
 import attrs
@@ -210,7 +209,7 @@ def _with_process(resolved: Resolved, args: list[str]) -> Resolved:
 
 
 def _layer_path(cache_dir: str, layer: Layer, what: str) -> str:
-    """Where *layer* is kept: LAYER_DIR in *cache_dir* (made 0700 if missing), canonical."""
+    """Where *layer* is kept: LAYER_DIR in *cache_dir* (`cache.directory_problem`), canonical."""
     parts = _digest(layer)
     if parts is None:
         raise InvalidArgument(
@@ -218,19 +217,9 @@ def _layer_path(cache_dir: str, layer: Layer, what: str) -> str:
             f"{layer.digest!r}, which is not a sha256, sha384 or sha512 digest"
         )
     directory = os.path.join(os.path.realpath(cache_dir), LAYER_DIR)
-    try:
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            pass
-        st = os.lstat(directory)
-    except OSError as e:
-        raise FailedPrecondition(f"{what}: cannot make {directory}: {e.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise FailedPrecondition(
-            f"{what}: {directory} must be a directory owned by uid {os.geteuid()} with mode "
-            "0700 (the wasm backend keeps image wasm layers there); fix or remove it"
-        )
+    problem = cache.directory_problem(directory)
+    if problem:
+        raise FailedPrecondition(f"{what}: {problem}")
     algorithm, hexdigest = parts
     return os.path.join(directory, f"{algorithm}-{hexdigest}.wasm")
 
@@ -279,30 +268,6 @@ def _verified(path: str, layer: Layer) -> str | None:
     return None
 
 
-def _store(path: str, data: bytes) -> None:
-    """Write *data* to *path* atomically: a 0600 temporary file in the same directory, then
-    renamed over whatever was there. No fsync: a file a crash left short fails `_verified`."""
-    directory, name = os.path.split(path)
-    temporary = os.path.join(directory, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(temporary, flags, 0o600)  # one of ours left by a dead writer: truncated
-    try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    except BaseException:
-        os.close(fd)
-        os.unlink(temporary)
-        raise
-    os.close(fd)
-    try:
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def _keep(channel: Any, metadata: Any, layer: Layer, path: str, what: str) -> str:
     """Read *layer* from the content store, check it is WebAssembly and store it at *path*;
     its kind (cache.MODULE or cache.COMPONENT)."""
@@ -314,7 +279,7 @@ def _keep(channel: Any, metadata: Any, layer: Layer, path: str, what: str) -> st
             "a WebAssembly module or component (no wasm header)"
         )
     try:
-        _store(path, data)
+        cache.store(path, data)
     except OSError as e:
         raise FailedPrecondition(
             f"{what}: cannot store wasm layer {layer.title} of {layer.image} at {path}: "
