@@ -18,7 +18,6 @@ per-pod RSS <= 1.0).
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.stats import median_p90
 from shim_framework import template
 from shim_framework.bootstrap import RUNTIME
 from tests.harness import PrivateContainerd, busybox_image, get_install, import_image
@@ -116,9 +116,8 @@ def main() -> int:
     print(f"{'':10} {'median ms':>10} {'p90 ms':>8}")
     med = {}
     for name, values in latencies.items():
-        values.sort()
-        med[name] = statistics.median(values)
-        print(f"{name:10} {med[name] * 1000:10.1f} {values[int(len(values) * 0.9)] * 1000:8.1f}")
+        med[name], p90 = median_p90(values)
+        print(f"{name:10} {med[name] * 1000:10.1f} {p90 * 1000:8.1f}")
     print(f"latency ratio polyshim/runc-v2: {med['polyshim'] / med['runc-v2']:.2f} "
           "(target <= 1.10)")  # fmt: skip
     print("\nshim memory per pod, MiB (PSS+: with polyshim's template, shared by all pods)")

@@ -41,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.stats import median_p90
 from shim_framework.bootstrap import RUNTIME
 from tests.harness import PrivateContainerd, busybox_image, get_install, import_image
 from tests.harness.images import wasm_image
@@ -213,9 +214,7 @@ def main() -> int:
     print(f"{'':10} {'median ms':>10} {'p90 ms':>8} {'tasks/s':>9}")
     med = {}
     for name, values in latencies.items():
-        values.sort()
-        med[name] = statistics.median(values)
-        p90 = values[int(len(values) * 0.9)]
+        med[name], p90 = median_p90(values)
         print(f"{name:10} {med[name] * 1000:10.1f} {p90 * 1000:8.1f} {rates[name]:9.1f}")
     for kind in ("warm", "cold"):
         lat = med[f"wasm-{kind}"] / med["runc-v2"]
