@@ -197,11 +197,8 @@ def _deserialize(eng: Any, cls: Any, path: str) -> Any:
 
 def check(fd: int, st: os.stat_result | None = None) -> str | None:
     """What is wrong with the cache file open at *fd*; None when it is intact and ours."""
-    st = st or os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        return "not a regular file"
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        return "written by someone else, or writable by others"
+    if not ours(st or os.fstat(fd)):
+        return "not a regular file of ours, or writable by others"
     data = bytearray()
     while chunk := os.pread(fd, 1 << 20, len(data)):
         data += chunk
@@ -211,6 +208,11 @@ def check(fd: int, st: os.stat_result | None = None) -> str | None:
     if hashlib.sha256(artifact).digest() != trailer[len(TRAILER) :]:
         return "checksum mismatch (corrupted)"
     return None
+
+
+def ours(st: os.stat_result) -> bool:
+    """Whether *st* is a regular file of ours that nobody else may write."""
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
 def store(path: str, data: bytes) -> None:

@@ -77,7 +77,6 @@ import json
 import logging
 import os
 import re
-import stat
 from typing import Any
 
 import attrs
@@ -244,9 +243,8 @@ def _verified(path: str, layer: Layer) -> str | None:
         st = os.fstat(fd)
         if (
             parts is None
-            or not stat.S_ISREG(st.st_mode)
-            or st.st_uid != os.geteuid()
-            or st.st_mode & 0o077
+            or not cache.ours(st)
+            or st.st_mode & 0o077  # as stored: 0600
             or st.st_size != layer.size
         ):
             problem = "not a regular 0600 file of ours, or of another size"

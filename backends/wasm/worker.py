@@ -77,7 +77,6 @@ import os
 import resource
 import select
 import signal
-import stat
 import threading
 import time
 from typing import Any
@@ -224,8 +223,7 @@ def _read_module(plan: Plan) -> bytes:
         raise InvalidArgument(f"{plan.name}: cannot open the module: {e.strerror}") from None
     try:
         if plan.layer:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            if not cache.ours(os.fstat(fd)):
                 raise InvalidArgument(
                     f"{plan.name}: the stored wasm layer {plan.module} is not a file of the "
                     "shim's own"
