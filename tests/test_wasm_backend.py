@@ -503,6 +503,14 @@ def test_worker_is_in_its_cgroup_with_the_limits(lab: Lab) -> None:
     assert metrics.type_url.endswith("Metrics") and metrics.value
 
 
+def test_a_worker_runs_one_runtime_thread_whatever_the_cpu_count(lab: Lab) -> None:
+    """wasmtime's WASI starts one tokio thread per CPU by default; a worker needs one."""
+    box = lab.start(["/sleeper.wasm"])
+    read_until(box.stdout, "sleeping")  # its WASI calls have built the runtime
+    threads = list(Path(f"/proc/{box.pid}/task").iterdir())
+    assert len(threads) == 2, [(t / "comm").read_text().strip() for t in threads]  # + main
+
+
 def test_cpu_quota_slows_a_spinning_guest(lab: Lab) -> None:
     """10% of a CPU: a spinning guest gets about 0.1 s of CPU per second."""
     box = lab.start(["/spin.wasm"], resources={"cpu": {"quota": 10000, "period": 100000}})

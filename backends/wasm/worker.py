@@ -107,6 +107,10 @@ DEFAULT_ENTRY = "_start"
 INITIALIZE = "_initialize"  # WASI reactors: call before any other export
 RUN_INTERFACE = "wasi:cli/run@"
 BACKTRACE_LINES = 30  # of a trap's message on the guest's stderr
+# wasmtime's WASI runs on a multi-threaded tokio runtime that starts one thread per CPU
+# unless this says otherwise; one guest in blocking calls needs one (spawn_blocking has
+# its own pool), and 64 threads per container on a 64-CPU node cost CPU and memory.
+TOKIO_THREADS = ("TOKIO_WORKER_THREADS", "1")
 
 
 @attrs.frozen
@@ -156,6 +160,7 @@ class _Prepared:
 
 def main(plan: Plan) -> int:
     """The worker, from fork to exit status (Reaper.fork's child)."""
+    os.environ.setdefault(*TOKIO_THREADS)  # one thread here, so setenv is safe
     if plan.cgroup is None and _read_control() != JOINED:
         return 0  # the backend gave up on us
     try:
