@@ -70,17 +70,14 @@ import fcntl
 import logging
 import os
 import secrets
-import shutil
 import struct
-import subprocess
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import attrs
 
-from daemon.driver import Driver, DriverOptions, Probe, fsync
+from daemon.driver import Driver, DriverOptions, Probe, fsync, host_lacks, run
 from daemon.model import Kind, Mount, Snapshot, Usage
 from shim_framework import _platform as plat
 from shim_framework.errors import FailedPrecondition
@@ -94,6 +91,7 @@ MOUNT_OPTIONS = ("loop",)  # containerd's default `mount_options`
 # Sparse from the start, and nothing for the kernel to initialise later (see above).
 MKFS_OPTIONS = ("-q", "-F", "-E", "root_owner=0:0,lazy_itable_init=0,lazy_journal_init=1")
 TOOL_TIMEOUT = 600  # seconds for mkfs.ext4, debugfs, e2fsck on one image
+PACKAGE = "e2fsprogs"  # Debian's, which has those tools
 DETACH_WAIT = 10.0  # seconds Commit waits for a dirty image to be unmounted everywhere
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
@@ -137,30 +135,18 @@ class BlockfileDriver(Driver):
     @classmethod
     def probe(cls, root: Path) -> Probe:
         """e2fsprogs, ext4 and loop devices, and a test image that mounts read-write."""
-        for tool in ("mkfs.ext4", "debugfs", "e2fsck"):
-            if shutil.which(tool) is None:
-                return Probe.no(f"{tool} not found on PATH (apt-get install e2fsprogs)")
-        try:
-            filesystems = Path("/proc/filesystems").read_text().split()
-        except OSError as exc:
-            return Probe.no(f"cannot read /proc/filesystems: {exc}")
-        if "ext4" not in filesystems:
-            return Probe.no("the kernel has no ext4 (modprobe ext4)")
+        tools = ("mkfs.ext4", "debugfs", "e2fsck")
+        if reason := host_lacks(FS_TYPE, "the kernel has no ext4 (modprobe ext4)", tools, PACKAGE):
+            return Probe.no(reason)
         if not os.path.exists("/dev/loop-control"):
             return Probe.no("no loop devices (/dev/loop-control is missing; modprobe loop)")
-        try:
-            _mount_test(Path(root))
-        except (OSError, FailedPrecondition) as exc:
-            return Probe.no(f"test ext4 image in {root} does not build or mount: {exc}")
-        return Probe.yes()
+        failure = f"test ext4 image in {root} does not build or mount"
+        return cls._probe_mount(Path(root), _mount_test, failure)
 
     # ------------------------------------------------------------------ the interface
 
     def create(self, snap: Snapshot, labels: Mapping[str, str]) -> None:
-        path = self.path(snap.id)
-        if os.path.lexists(path):
-            log.warning("blockfile: replacing leftover storage %s (from a crash)", path)
-            self._to_trash(path)
+        path = self._clear_leftover(snap.id)
         if snap.kind == Kind.VIEW and snap.parent_ids:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             os.close(fd)  # nothing to copy: the view mounts its parent's image
@@ -241,9 +227,9 @@ def make_image(path: Path, size: int) -> None:
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
-    _run(["mkfs.ext4", *MKFS_OPTIONS, str(path)])
-    _run(["debugfs", "-w", "-R", "rmdir lost+found", str(path)])
-    listing = _run(["debugfs", "-R", "ls -p /", str(path)])
+    run(["mkfs.ext4", *MKFS_OPTIONS, str(path)], PACKAGE, TOOL_TIMEOUT)
+    run(["debugfs", "-w", "-R", "rmdir lost+found", str(path)], PACKAGE, TOOL_TIMEOUT)
+    listing = run(["debugfs", "-R", "ls -p /", str(path)], PACKAGE, TOOL_TIMEOUT)
     names = {line.split("/")[5] for line in listing.splitlines() if line.count("/") >= 6}
     if names != {".", ".."}:
         raise OSError(errno.EIO, f"new image {path}: root holds {sorted(names)}, expected nothing")
@@ -381,40 +367,19 @@ def _wait_detached(image: Path) -> str | None:
 def _repair(image: Path) -> None:
     """Replay the journal of unmounted *image* and fix what a crash left (`e2fsck -p`)."""
     try:
-        _run(["e2fsck", "-p", str(image)], ok=(0, 1))
+        run(["e2fsck", "-p", str(image)], PACKAGE, TOOL_TIMEOUT, ok=(0, 1))
     except OSError as exc:
         raise OSError(exc.errno, f"image {image} needs repair and e2fsck failed: {exc}") from exc
 
 
-def _run(argv: list[str], ok: tuple[int, ...] = (0,)) -> str:
-    if shutil.which(argv[0]) is None:
-        raise FailedPrecondition(f"{argv[0]} not found on PATH (apt-get install e2fsprogs)")
+def _mount_test(td: Path) -> None:
+    """Build a small image in empty directory *td*, mount it read-write with a loop device,
+    write to it, unmount it."""
+    make_image(td / "probe.img", 4 << 20)
+    (td / "mnt").mkdir()
+    with plat.attach_loop(str(td / "probe.img"), readonly=False) as device:
+        plat.mount(device, str(td / "mnt"), FS_TYPE, 0, "")
     try:
-        result = subprocess.run(
-            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=TOOL_TIMEOUT, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise OSError(errno.ETIMEDOUT, f"{argv[0]}: no result after {TOOL_TIMEOUT}s") from exc
-    if result.returncode not in ok:
-        output = (result.stderr or result.stdout).decode(errors="replace").strip()
-        raise OSError(
-            errno.EIO, f"{' '.join(argv)} failed with exit status {result.returncode}: {output}"
-        )
-    return result.stdout.decode(errors="replace")
-
-
-def _mount_test(root: Path) -> None:
-    """Build a small image below *root*, mount it read-write with a loop device, undo it all."""
-    root.mkdir(parents=True, exist_ok=True)
-    td = Path(tempfile.mkdtemp(prefix="blockfile-check-", dir=root))
-    try:
-        make_image(td / "probe.img", 4 << 20)
-        (td / "mnt").mkdir()
-        with plat.attach_loop(str(td / "probe.img"), readonly=False) as device:
-            plat.mount(device, str(td / "mnt"), FS_TYPE, 0, "")
-        try:
-            (td / "mnt" / "probe").write_text("blockfile\n")
-        finally:
-            plat.unmount(str(td / "mnt"))
+        (td / "mnt" / "probe").write_text("blockfile\n")
     finally:
-        shutil.rmtree(td, ignore_errors=True)
+        plat.unmount(str(td / "mnt"))

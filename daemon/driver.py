@@ -68,8 +68,10 @@ import queue
 import secrets
 import shutil
 import stat
+import subprocess
+import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -77,6 +79,7 @@ import attrs
 
 from daemon.model import Kind, Mount, Snapshot, Usage
 from shim_framework.backend import Probe
+from shim_framework.errors import FailedPrecondition
 from shim_framework.mounts import unmount_all
 
 log = logging.getLogger("polyshim.snapshotd.driver")
@@ -208,6 +211,29 @@ class Driver(abc.ABC):
 
     # ------------------------------------------------------------------ helpers
 
+    @classmethod
+    def _probe_mount(cls, root: Path, test: Callable[[Path], None], failure: str) -> Probe:
+        """Run *test* (a test mount) in a new directory below *root*, deleted afterwards;
+        Probe.no(f"{failure}: <error>") if it raises OSError or FailedPrecondition."""
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            td = Path(tempfile.mkdtemp(prefix=f"{cls.name}-check-", dir=root))
+            try:
+                test(td)
+            finally:
+                shutil.rmtree(td, ignore_errors=True)
+        except (OSError, FailedPrecondition) as exc:
+            return Probe.no(f"{failure}: {exc}")
+        return Probe.yes()
+
+    def _clear_leftover(self, sid: int) -> Path:
+        """`path(sid)` for `create`, with what a crash left there moved to the trash."""
+        path = self.path(sid)
+        if os.path.lexists(path):
+            log.warning("%s: replacing leftover storage %s (from a crash)", self.name, path)
+            self._to_trash(path)
+        return path
+
     def _to_trash(self, path: Path) -> Path | None:
         if not os.path.lexists(path):
             return None
@@ -219,6 +245,44 @@ class Driver(abc.ABC):
         except FileNotFoundError:
             return None  # someone else moved it first (a concurrent Cleanup)
         return target
+
+
+def host_lacks(filesystem: str, missing: str, tools: Sequence[str] = (), package: str = "") -> str:
+    """Why this host cannot run a driver: one of *tools* (from Debian *package*) is not on PATH,
+    or the kernel lacks *filesystem* (reason: *missing*); "" if neither."""
+    if tool := _not_on_path(tools, package):
+        return tool
+    try:
+        filesystems = Path("/proc/filesystems").read_text().split()
+    except OSError as exc:
+        return f"cannot read /proc/filesystems: {exc}"
+    return "" if filesystem in filesystems else missing
+
+
+def run(argv: list[str], package: str, timeout: float, ok: tuple[int, ...] = (0,)) -> str:
+    """Run tool *argv* (from Debian *package*) without stdin; return its stdout.
+
+    FailedPrecondition: the tool is not on PATH. OSError: no result after
+    *timeout* seconds, or an exit status not in *ok* (the error has its output)."""
+    if missing := _not_on_path(argv[:1], package):
+        raise FailedPrecondition(missing)
+    try:
+        result = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise OSError(errno.ETIMEDOUT, f"{argv[0]}: no result after {timeout}s") from exc
+    if result.returncode not in ok:
+        output = (result.stderr or result.stdout).decode(errors="replace").strip()
+        raise OSError(
+            errno.EIO, f"{' '.join(argv)} failed with exit status {result.returncode}: {output}"
+        )
+    return result.stdout.decode(errors="replace")
+
+
+def _not_on_path(tools: Sequence[str], package: str) -> str:
+    missing = next((tool for tool in tools if shutil.which(tool) is None), None)
+    return f"{missing} not found on PATH (apt-get install {package})" if missing else ""
 
 
 def _is_id(name: str) -> bool:

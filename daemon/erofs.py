@@ -133,14 +133,12 @@ import errno
 import logging
 import os
 import secrets
-import shutil
-import subprocess
 import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from daemon.driver import DriverOptions, Probe, disk_usage, fsync, make_dir
+from daemon.driver import DriverOptions, Probe, disk_usage, fsync, host_lacks, make_dir, run
 from daemon.model import Kind, Mount, Snapshot, Usage
 from daemon.overlay import OverlayDriver
 from shim_framework import _platform as plat
@@ -157,6 +155,7 @@ IMAGES_MARKER = "images"
 # containerd's commit-time conversion options (internal/erofsutils ConvertErofs).
 MKFS_OPTIONS = ("--quiet", "-Enoinline_data")
 MKFS_TIMEOUT = 3600  # seconds; a conversion this slow is stuck, not busy
+PACKAGE = "erofs-utils"  # Debian's, which has mkfs.erofs
 
 
 class ErofsDriver(OverlayDriver):
@@ -174,22 +173,14 @@ class ErofsDriver(OverlayDriver):
     @classmethod
     def probe(cls, root: Path) -> Probe:
         """mkfs.erofs, erofs in the kernel, overlay on *root*, and a test image that mounts."""
-        if shutil.which("mkfs.erofs") is None:
-            return Probe.no("mkfs.erofs not found on PATH (apt-get install erofs-utils)")
-        try:
-            filesystems = Path("/proc/filesystems").read_text().split()
-        except OSError as exc:
-            return Probe.no(f"cannot read /proc/filesystems: {exc}")
-        if "erofs" not in filesystems:
-            return Probe.no("the kernel has no erofs (modprobe erofs; Linux 5.4+)")
+        missing = "the kernel has no erofs (modprobe erofs; Linux 5.4+)"
+        if reason := host_lacks("erofs", missing, ("mkfs.erofs",), PACKAGE):
+            return Probe.no(reason)
         overlay = OverlayDriver.probe(root)
         if not overlay.ok:
             return overlay
-        try:
-            _mount_test(Path(root))
-        except (OSError, subprocess.SubprocessError) as exc:
-            return Probe.no(f"test erofs image in {root} does not build or mount: {exc}")
-        return Probe.yes()
+        failure = f"test erofs image in {root} does not build or mount"
+        return cls._probe_mount(Path(root), _mount_test, failure)
 
     # ------------------------------------------------------------------ the interface
 
@@ -222,13 +213,10 @@ class ErofsDriver(OverlayDriver):
     def convert(self, snap: Snapshot) -> Usage:
         path, upper = self.path(snap.id), self.upper(snap.id)
         usage = disk_usage(upper)
-        mkfs = shutil.which("mkfs.erofs")
-        if mkfs is None:
-            raise FailedPrecondition("mkfs.erofs not found on PATH (apt-get install erofs-utils)")
         fd, tmp = tempfile.mkstemp(prefix=f"{PENDING}.tmp-", dir=path)
         os.close(fd)
         try:
-            _run([mkfs, *MKFS_OPTIONS, tmp, str(upper)])
+            run(["mkfs.erofs", *MKFS_OPTIONS, tmp, str(upper)], PACKAGE, MKFS_TIMEOUT)
             fsync(tmp)
             os.rename(tmp, path / PENDING)  # made durable by `sync`, which Commit calls next
         except BaseException:
@@ -331,35 +319,19 @@ def _empty_dir(path: Path) -> bool:
         return next(entries, None) is None
 
 
-def _run(argv: list[str]) -> None:
+def _mount_test(td: Path) -> None:
+    """Build a one-file erofs image in empty directory *td*, mount it, read it, unmount it."""
+    (td / "src").mkdir()
+    (td / "src" / "probe").write_text("erofs\n")
+    (td / "mnt").mkdir()
+    run(
+        ["mkfs.erofs", *MKFS_OPTIONS, str(td / "probe.erofs"), str(td / "src")],
+        PACKAGE,
+        MKFS_TIMEOUT,
+    )
+    _mount_image(td / "probe.erofs", td / "mnt")
     try:
-        result = subprocess.run(
-            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=MKFS_TIMEOUT, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise OSError(errno.ETIMEDOUT, f"{argv[0]}: no result after {MKFS_TIMEOUT}s") from exc
-    if result.returncode != 0:
-        output = (result.stderr or result.stdout).decode(errors="replace").strip()
-        raise OSError(
-            errno.EIO, f"{' '.join(argv)} failed with exit status {result.returncode}: {output}"
-        )
-
-
-def _mount_test(root: Path) -> None:
-    """Build a one-file erofs image below *root*, mount it, read it, undo it all."""
-    mkfs = shutil.which("mkfs.erofs") or "mkfs.erofs"
-    root.mkdir(parents=True, exist_ok=True)
-    td = Path(tempfile.mkdtemp(prefix="erofs-check-", dir=root))
-    try:
-        (td / "src").mkdir()
-        (td / "src" / "probe").write_text("erofs\n")
-        (td / "mnt").mkdir()
-        _run([mkfs, *MKFS_OPTIONS, str(td / "probe.erofs"), str(td / "src")])
-        _mount_image(td / "probe.erofs", td / "mnt")
-        try:
-            if (td / "mnt" / "probe").read_text() != "erofs\n":
-                raise OSError(errno.EIO, "the test image reads back wrong")
-        finally:
-            plat.unmount(str(td / "mnt"))
+        if (td / "mnt" / "probe").read_text() != "erofs\n":
+            raise OSError(errno.EIO, "the test image reads back wrong")
     finally:
-        shutil.rmtree(td, ignore_errors=True)
+        plat.unmount(str(td / "mnt"))

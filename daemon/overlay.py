@@ -43,12 +43,10 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from daemon.driver import Driver, DriverOptions, Probe, disk_usage, make_dir
+from daemon.driver import Driver, DriverOptions, Probe, disk_usage, host_lacks, make_dir
 from daemon.model import Kind, Mount, Snapshot, Usage
 
 log = logging.getLogger("polyshim.snapshotd.overlay")
@@ -82,23 +80,12 @@ class OverlayDriver(Driver):
     @classmethod
     def probe(cls, root: Path) -> Probe:
         """overlayfs must be in the kernel and mountable with layers on *root*'s filesystem."""
-        try:
-            filesystems = Path("/proc/filesystems").read_text().split()
-        except OSError as exc:
-            return Probe.no(f"cannot read /proc/filesystems: {exc}")
-        if "overlay" not in filesystems:
-            return Probe.no("the kernel has no overlayfs (modprobe overlay)")
-        try:
-            _mount_test(Path(root))
-        except OSError as exc:
-            return Probe.no(f"test overlay mount in {root} failed: {exc}")
-        return Probe.yes()
+        if reason := host_lacks("overlay", "the kernel has no overlayfs (modprobe overlay)"):
+            return Probe.no(reason)
+        return cls._probe_mount(Path(root), _mount_test, f"test overlay mount in {root} failed")
 
     def create(self, snap: Snapshot, labels: Mapping[str, str]) -> None:
-        path = self.path(snap.id)
-        if os.path.lexists(path):
-            log.warning("overlay: replacing leftover storage %s (from a crash)", path)
-            self._to_trash(path)
+        path = self._clear_leftover(snap.id)
         make_dir(path, 0o700)
         make_dir(path / "fs", 0o755)
         if snap.kind == Kind.ACTIVE:
@@ -180,17 +167,12 @@ def _on_tmpfs(path: Path) -> bool:
     return fstype == "tmpfs"
 
 
-def _mount_test(root: Path) -> None:
-    """Mount a two-layer overlay with an upper in a temp dir below *root*, then undo it."""
+def _mount_test(td: Path) -> None:
+    """Mount a two-layer overlay with an upper in empty directory *td*, then unmount it."""
     from shim_framework import _platform as plat
 
-    root.mkdir(parents=True, exist_ok=True)
-    td = Path(tempfile.mkdtemp(prefix="overlay-check-", dir=root))
-    try:
-        for d in ("lower1", "lower2", "upper", "work", "merged"):
-            (td / d).mkdir()
-        data = f"lowerdir={td}/lower1:{td}/lower2,upperdir={td}/upper,workdir={td}/work"
-        plat.mount("overlay", str(td / "merged"), "overlay", 0, data)
-        plat.unmount(str(td / "merged"))
-    finally:
-        shutil.rmtree(td, ignore_errors=True)
+    for d in ("lower1", "lower2", "upper", "work", "merged"):
+        (td / d).mkdir()
+    data = f"lowerdir={td}/lower1:{td}/lower2,upperdir={td}/upper,workdir={td}/work"
+    plat.mount("overlay", str(td / "merged"), "overlay", 0, data)
+    plat.unmount(str(td / "merged"))
