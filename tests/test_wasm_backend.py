@@ -769,6 +769,50 @@ def test_corrupt_cache_entry_is_recompiled(
         os.close(fd)
 
 
+def test_a_compile_over_the_limit_evicts_the_least_recently_used(lab: Lab) -> None:
+    """A hit a day after the last use counts as a use; the entry used longest ago goes."""
+    sizes = {}
+    for name in ("trap", "hello", "entry"):
+        before = set(artifacts(lab))
+        lab.run([f"/{name}.wasm#greet" if name == "entry" else f"/{name}.wasm"])
+        [sizes[name]] = [(p, p.stat().st_size) for p in set(artifacts(lab)) - before]
+    (trap, trap_size), (hello, hello_size), (entry, entry_size) = sizes.values()
+    trap.unlink()  # its next run compiles and stores it again
+    day = 24 * 3600
+    os.utime(hello, (time.time() - 3 * day,) * 2)
+    os.utime(entry, (time.time() - 2 * day,) * 2)
+    assert lab.run(["/hello.wasm"]).status == 0  # a hit: hello is now the most recent
+    assert hello.stat().st_mtime > time.time() - 60
+    lab.backend.cache_max_bytes = hello_size + entry_size + trap_size - 1
+    assert lab.run(["/trap.wasm"]).status == 134
+    assert set(artifacts(lab)) == {hello, trap}
+
+
+def test_trim_removes_oldest_first_never_the_new_one_and_stale_temporaries(
+    tmp_path: Path,
+) -> None:
+    now = time.time()
+
+    def entry(name: str, size: int, age: float) -> Path:
+        path = tmp_path / name
+        path.write_bytes(b"x" * size)
+        os.utime(path, (now - age,) * 2)
+        return path
+
+    old = entry(f"a{cache.SUFFIX}", 100, 300)
+    newer = entry(f"b{cache.SUFFIX}", 100, 200)
+    new = entry(f"c{cache.SUFFIX}", 100, 100)
+    stale = entry(f".c{cache.SUFFIX}.1.2.tmp", 10, 2 * cache.STALE_TEMPORARY)
+    writing = entry(f".d{cache.SUFFIX}.3.4.tmp", 10, 1)
+    removed = cache.trim(str(tmp_path), 250, keep=str(new))
+    assert sorted(removed) == sorted([stale.name, old.name])  # 300 bytes left, then 200
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [newer.name, new.name, writing.name]
+    )
+    assert cache.trim(str(tmp_path), 1, keep=str(new)) == [newer.name]
+    assert new.exists()  # kept even alone over the limit: it was just stored for a worker
+
+
 def test_cache_dir_open_to_others_is_refused(tmp_path: Path) -> None:
     """Artifacts are loaded as machine code: only a private directory will do."""
     shared = tmp_path / "shared"
@@ -780,6 +824,9 @@ def test_cache_dir_open_to_others_is_refused(tmp_path: Path) -> None:
     assert stat_mode(tmp_path / "new") == 0o700
     assert not WasmBackend.probe({"cache_dir": "relative"}).ok
     assert not WasmBackend.probe({"no_such_key": 1}).ok
+    for limit in (0, -1, True, "1G"):
+        probe = WasmBackend.probe({"cache_dir": str(tmp_path / "new"), "cache_max_bytes": limit})
+        assert not probe.ok and "cache_max_bytes" in probe.reason
 
 
 def stat_mode(path: Path) -> int:

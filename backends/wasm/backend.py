@@ -75,6 +75,8 @@ Configuration, `[backends.wasm]`:
 
     cache_dir = "/var/lib/polyshim/wasm-cache"  # precompiled artifacts, and image wasm
                                                 # layers in layers/; made 0700
+    cache_max_bytes = 1073741824  # artifacts beyond it are evicted, least recently used
+                                  # first (backends.wasm.cache, "Eviction")
     setup_timeout = 120.0    # seconds a worker may take to prepare (compiling a big module)
 
 Resource handling: the framework owns the stdio fds. The backend owns, per
@@ -133,7 +135,7 @@ except Exception as e:  # "cannot run here", said by probe(), not a crash on imp
 
 log = logging.getLogger("polyshim.backend.wasm")
 
-CONFIG_KEYS = frozenset({"cache_dir", "setup_timeout"})
+CONFIG_KEYS = frozenset({"cache_dir", "cache_max_bytes", "setup_timeout"})
 SETUP_TIMEOUT = 120.0
 STOP_TIMEOUT = 5.0  # for a killed worker to exit before its cgroup is removed
 FREEZE_TIMEOUT = 5.0
@@ -270,6 +272,7 @@ class WasmBackend(Backend):
     def __init__(self, host: Any) -> None:
         super().__init__(host)
         self.cache_dir = str(host.config.get("cache_dir", cache.DEFAULT_DIR))
+        self.cache_max_bytes = int(host.config.get("cache_max_bytes", cache.DEFAULT_MAX_BYTES))
         self.setup_timeout = float(host.config.get("setup_timeout", SETUP_TIMEOUT))
         self._records: dict[str, _Record] = {}
         self._lock = threading.Lock()  # guards _records and each record's execs
@@ -289,6 +292,11 @@ class WasmBackend(Backend):
         directory = config.get("cache_dir", cache.DEFAULT_DIR)
         if not isinstance(directory, str) or not directory.startswith("/"):
             return Probe.no(f"backends.wasm.cache_dir: {directory!r} is not an absolute path")
+        limit = config.get("cache_max_bytes", cache.DEFAULT_MAX_BYTES)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            return Probe.no(
+                f"backends.wasm.cache_max_bytes: {limit!r} is not a positive whole number of bytes"
+            )
         timeout = config.get("setup_timeout", SETUP_TIMEOUT)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
             return Probe.no(f"backends.wasm.setup_timeout: {timeout!r} is not a positive number")
@@ -536,6 +544,7 @@ class WasmBackend(Backend):
             rootfs=rootfs,
             readonly=bool((spec.get("root") or {}).get("readonly")),
             cache_dir=self.cache_dir,
+            cache_max_bytes=self.cache_max_bytes,
             memory_limit=memory if isinstance(memory, int) and memory > 0 else None,
             seccomp=program,
             uid=_id(user.get("uid"), "process.user.uid", what) if os.geteuid() == 0 else None,

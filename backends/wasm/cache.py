@@ -35,7 +35,17 @@ writers of one key each replace it with an identical artifact, a crash leaves
 a temp file at worst (never read; the next writer with that pid and thread
 removes it).
 A failed write (disk full, read-only) only costs the next start a compile.
-Nothing evicts entries: the directory grows with every distinct module.
+
+Eviction: after a worker stores an artifact it trims the directory to
+`max_bytes` (the backend's `cache_max_bytes`): artifacts go least recently
+used first, never the one just stored, and temporaries older than
+STALE_TEMPORARY (their writer died) go too. A hit refreshes the entry's mtime
+when it is older than REFRESH_AFTER, so recency is exact to a day at the cost
+of one write per entry per day, not one per start. Removing an entry never
+disturbs a worker that has it open (its pages stay mapped); two shims
+trimming at once only find each other's victims gone. The stored image
+layers (`backends.wasm.oci`, in layers/) are not evicted: a running
+container's exec may need its layer again.
 
 Engines compile with `parallel_compilation=False`: a worker is short-lived and
 single-purpose, and no compiler thread pool then exists in any process
@@ -68,6 +78,9 @@ FORMAT = b"polyshim-wasm-cache-1"
 TRAILER = b"\0PSWASM1"  # + 32 bytes of sha256(artifact)
 SUFFIX = ".cwasm"
 DEFAULT_DIR = "/var/lib/polyshim/wasm-cache"
+DEFAULT_MAX_BYTES = 1 << 30
+REFRESH_AFTER = 24 * 3600.0  # seconds
+STALE_TEMPORARY = 3600.0  # seconds; a writer compiles within setup_timeout (2 min by default)
 # Every Config setting the backend makes; all of them are part of the key.
 ENGINE_SETTINGS: tuple[tuple[str, object], ...] = (
     ("strategy", "cranelift"),
@@ -135,9 +148,16 @@ class Loaded:
 
 
 def load(
-    eng: Any, kind: str, wasm: bytes, directory: str, name: str, note: Callable[[str], None]
+    eng: Any,
+    kind: str,
+    wasm: bytes,
+    directory: str,
+    max_bytes: int,
+    name: str,
+    note: Callable[[str], None],
 ) -> Loaded:
-    """The compiled *wasm* from the cache in *directory*, else compiled and stored there.
+    """The compiled *wasm* from the cache in *directory*, else compiled and stored there
+    (and the directory trimmed to *max_bytes*).
 
     *note* gets one line per problem with the cache (never fatal). InvalidArgument:
     *wasm* is not valid WebAssembly for this engine (*name* is the module's name)."""
@@ -163,7 +183,56 @@ def load(
     except OSError as e:
         note(f"wasm cache: cannot write {path}: {e.strerror}; the next start compiles again")
         how = "uncached"
+    else:
+        try:
+            removed = trim(directory, max_bytes, keep=path)
+        except OSError as e:
+            note(f"wasm cache: cannot trim {directory}: {e.strerror}")
+        else:
+            if removed:
+                note(f"wasm cache: over {max_bytes} bytes; removed {', '.join(removed)}")
     return Loaded(compiled, how, time.monotonic() - began, path)
+
+
+def trim(directory: str, max_bytes: int, keep: str = "") -> list[str]:
+    """Remove artifacts, least recently used first, until the rest take at most *max_bytes*
+    (never *keep*), and stale temporaries; the names removed."""
+    artifacts = []
+    removed = []
+    now = time.time()
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue  # gone meanwhile
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if entry.name.endswith(SUFFIX) and not entry.name.startswith("."):
+                artifacts.append((st.st_mtime, entry.path, st.st_size))
+            elif (
+                entry.name.endswith(".tmp")
+                and now - st.st_mtime > STALE_TEMPORARY
+                and _unlink(entry.path)
+            ):
+                removed.append(entry.name)
+    total = sum(size for _, _, size in artifacts)
+    for _, path, size in sorted(artifacts):
+        if total <= max_bytes:
+            break
+        if path != keep:
+            if _unlink(path):
+                removed.append(os.path.basename(path))
+            total -= size
+    return removed
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:  # another shim trimmed it first
+        return False
+    return True
 
 
 class _Corrupt(Exception):
@@ -186,13 +255,24 @@ def _deserialize(eng: Any, cls: Any, path: str) -> Any:
             try:
                 # the file just checked, not whatever *path* names by now
                 checked = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else path
-                return cls.deserialize_file(eng, checked)
+                compiled = cls.deserialize_file(eng, checked)
+                _refresh(fd, st)
+                return compiled
             except wasmtime.WasmtimeError as e:
                 problem = f"wasmtime refused it ({cause(e)})"
         _remove(path, st)
         raise _Corrupt(problem)
     finally:
         os.close(fd)
+
+
+def _refresh(fd: int, st: os.stat_result) -> None:
+    """Mark a hit for eviction (module docstring): a new mtime once it is a day old."""
+    if time.time() - st.st_mtime > REFRESH_AFTER:
+        try:
+            os.utime(fd)
+        except OSError:
+            pass  # a read-only cache still serves; it only evicts less well
 
 
 def check(fd: int, st: os.stat_result | None = None) -> str | None:

@@ -126,6 +126,7 @@ class Plan:
     rootfs: str  # canonical host path, preopened as "/"
     readonly: bool
     cache_dir: str
+    cache_max_bytes: int
     memory_limit: int | None = None  # bytes, the container's memory limit
     memory_usage_file: str | None = None  # the cgroup file with the container's memory use
     seccomp: seccomp.Program | None = None  # compiled by the backend, loaded here
@@ -193,7 +194,9 @@ def _prepare(plan: Plan) -> _Prepared:
     began = time.monotonic()
     wasm = _read_module(plan)
     engine = cache.engine()
-    loaded = cache.load(engine, plan.kind, wasm, plan.cache_dir, plan.name, _note)
+    loaded = cache.load(
+        engine, plan.kind, wasm, plan.cache_dir, plan.cache_max_bytes, plan.name, _note
+    )
     store = wasmtime.Store(engine)
     wasi = wasmtime.WasiConfig()
     wasi.argv = list(plan.argv)
