@@ -50,10 +50,11 @@ Errors: raise `shim_framework.errors` classes for what a user can act on
 (e.g. FailedPrecondition "mkfs.erofs not found"); an OSError reaches
 containerd as "unknown" with its message.
 
-Adding a driver: subclass `Driver`, implement `create` and `mounts`,
-override what differs, and make sure `daemon/registry.py` names it (erofs
-and blockfile are listed already: `daemon/erofs.py` with `ErofsDriver`,
-`daemon/blockfile.py` with `BlockfileDriver`). Then add it to `DRIVERS` in
+Adding a driver: subclass `Driver`, implement `create`, `mounts`,
+`convert` and `usage`, override what differs, and make sure
+`daemon/registry.py` names it (erofs and blockfile are listed already:
+`daemon/erofs.py` with `ErofsDriver`, `daemon/blockfile.py` with
+`BlockfileDriver`). Then add it to `DRIVERS` in
 `tests/test_snapshotter_conformance.py`. Test-only hooks (slow commits for
 crash tests) live in the service, not in drivers.
 """
@@ -77,7 +78,7 @@ from typing import ClassVar
 
 import attrs
 
-from daemon.model import Kind, Mount, Snapshot, Usage
+from daemon.model import Mount, Snapshot, Usage
 from shim_framework.backend import Probe
 from shim_framework.errors import FailedPrecondition
 from shim_framework.mounts import unmount_all
@@ -138,16 +139,19 @@ class Driver(abc.ABC):
 
         Must not change anything: it is asked again long after `create`."""
 
-    # ------------------------------------------------------------------ optional
-
+    @abc.abstractmethod
     def convert(self, snap: Snapshot) -> Usage:
         """Make active *snap* ready to be committed and return the usage to record.
 
         The metadata still says ACTIVE and may stay so (the commit can fail
         or the process die next), so leave the active usable and make this
-        idempotent: write new files aside and rename them into place.
-        Default: the disk usage of `path(snap.id)`."""
-        return disk_usage(self.path(snap.id))
+        idempotent: write new files aside and rename them into place."""
+
+    @abc.abstractmethod
+    def usage(self, snap: Snapshot) -> Usage:
+        """Current usage of active snapshot or view *snap*, parents excluded; a view's is 0."""
+
+    # ------------------------------------------------------------------ optional
 
     def sync(self, sid: int) -> None:
         """Make the storage of *sid* survive a power loss: Commit calls it after `convert`,
@@ -163,14 +167,6 @@ class Driver(abc.ABC):
 
         Best effort: failures are logged, and a crash may skip it, so code
         reading committed storage must tolerate its leftovers. Default: nothing."""
-
-    def usage(self, snap: Snapshot) -> Usage:
-        """Current usage of active snapshot or view *snap*, parents excluded.
-
-        Default: the disk usage of `path(snap.id)`; a view counts as empty."""
-        if snap.kind != Kind.ACTIVE:
-            return Usage()
-        return disk_usage(self.path(snap.id))
 
     def storage_ids(self) -> set[int]:
         """Ids that have storage on disk (Cleanup discards those no metadata names)."""
