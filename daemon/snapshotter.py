@@ -191,11 +191,8 @@ class Snapshotter:
         NotFound: no *key*."""
         check_key(key)
         with self.store.transaction(write=False) as tx:
-            _, info, recorded = tx.get_info(key)
-            if info.kind == Kind.COMMITTED:
-                return recorded
-            snap = tx.get_snapshot(key)
-        return self.driver.usage(snap)
+            found = tx.get_usage(key)
+        return found if isinstance(found, Usage) else self.driver.usage(found)
 
     def cleanup(self, purge: bool = True) -> list[int]:
         """Delete storage no snapshot owns (crash leftovers, failed deletions); return its ids.

@@ -249,26 +249,30 @@ class Transaction:
 
     # ------------------------------------------------------------------ reads
 
-    def get_info(self, key: str) -> tuple[int, Info, Usage]:
-        """(id, info, recorded usage) of any snapshot. NotFound: no *key*."""
-        row = self._find(key)
-        if row is None:
-            raise NotFound(f'snapshot "{key}": not found')
-        return row[0], self._info(key, row), Usage(row[5] or 0, row[6] or 0)
+    def get_info(self, key: str) -> tuple[int, Info]:
+        """(id, info) of any snapshot. NotFound: no *key*."""
+        row = self._get(key)
+        return row[0], self._info(key, row)
 
     def get_snapshot(self, key: str) -> Snapshot:
         """The active snapshot or view *key* with its parent chain.
 
         NotFound: no *key*. FailedPrecondition: *key* is committed."""
-        row = self._find(key)
-        if row is None:
-            raise NotFound(f'snapshot "{key}": not found')
+        row = self._get(key)
         kind = Kind(row[1])
         if kind not in (Kind.ACTIVE, Kind.VIEW):
             raise FailedPrecondition(
                 f'snapshot "{key}" is committed; only active snapshots and views have mounts'
             )
         return Snapshot(row[0], kind, self._chain(row[2]))
+
+    def get_usage(self, key: str) -> Usage | Snapshot:
+        """Committed *key*'s recorded usage, else the active snapshot or view *key* (whose
+        usage the driver measures), from one row. NotFound: no *key*."""
+        row = self._get(key)
+        if row[1] == Kind.COMMITTED:
+            return Usage(row[5] or 0, row[6] or 0)
+        return Snapshot(row[0], Kind(row[1]), self._chain(row[2]))
 
     def infos(self) -> list[Info]:
         """Every snapshot of this snapshotter, ordered by key."""
@@ -379,9 +383,7 @@ class Transaction:
 
         NotFound: no *key*. FailedPrecondition: it has children (of any kind)."""
         self._require_write()
-        row = self._find(key)
-        if row is None:
-            raise NotFound(f'snapshot "{key}": not found')
+        row = self._get(key)
         child = self._conn.execute(
             "SELECT key FROM snapshots WHERE parent_id = ? ORDER BY key LIMIT 1", (row[0],)
         ).fetchone()
@@ -403,9 +405,7 @@ class Transaction:
         InvalidArgument: any other path."""
         self._require_write()
         key = info.name
-        row = self._find(key)
-        if row is None:
-            raise NotFound(f'snapshot "{key}": not found')
+        row = self._get(key)
         labels = self._labels(row[0])
         if not paths:
             labels = dict(info.labels)
@@ -438,6 +438,13 @@ class Transaction:
             "WHERE snapshotter = ? AND key = ?",
             (self.snapshotter, key),
         ).fetchone()
+
+    def _get(self, key: str) -> tuple:
+        """The `_find` row of *key*. NotFound: no *key*."""
+        row = self._find(key)
+        if row is None:
+            raise NotFound(f'snapshot "{key}": not found')
+        return row
 
     def _info(self, key: str, row: tuple | None) -> Info:
         assert row is not None
@@ -479,9 +486,7 @@ class Transaction:
         """The active row of *key* and the parent id its committed form gets."""
         if self._find(name) is not None:
             raise AlreadyExists(f'snapshot "{name}": already exists')
-        row = self._find(key)
-        if row is None:
-            raise NotFound(f'snapshot "{key}": not found')
+        row = self._get(key)
         if row[1] != Kind.ACTIVE:
             raise FailedPrecondition(
                 f'snapshot "{key}" is {Kind(row[1])}, not active; only active snapshots '
