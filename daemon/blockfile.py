@@ -184,9 +184,12 @@ class BlockfileDriver(Driver):
     # ------------------------------------------------------------------ helpers
 
     def _usage(self, snap: Snapshot) -> Usage:
-        own = image_usage(self.path(snap.id))
+        image = self.path(snap.id)
+        fsync(image)  # settle delayed allocation: st_blocks then counts every written block
+        own = image_usage(image)
         if not snap.parent_ids:
             return own
+        # No fsync: a committed image is unchanged since its Commit synced it.
         parent = image_usage(self.path(snap.parent_ids[0]))
         return Usage(max(0, own.size - parent.size), max(0, own.inodes - parent.inodes))
 
@@ -325,8 +328,8 @@ def read_superblock(image: Path) -> Superblock | None:
 
 
 def image_usage(image: Path) -> Usage:
-    """Bytes *image* occupies on disk and inodes in use inside it (see the module docstring)."""
-    fsync(image)  # settle delayed allocation: st_blocks then counts every written block
+    """Bytes *image* occupies on disk and inodes in use inside it (see the module docstring);
+    fsync it first if it was written since its last fsync."""
     size = os.stat(image).st_blocks * 512
     sb = read_superblock(image)
     return Usage(size=size, inodes=sb.used_inodes if sb is not None else 1)
