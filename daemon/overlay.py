@@ -157,14 +157,10 @@ def needs_userxattr(root: Path) -> bool:
 
 def _on_tmpfs(path: Path) -> bool:
     """Whether *path* is on tmpfs (from the mount table; statfs's f_type is not in Python)."""
-    best, fstype = "", ""
-    real = os.path.realpath(path)
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        point, kind = fields[4], fields[fields.index("-") + 1]
-        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-            best, fstype = point, kind
-    return fstype == "tmpfs"
+    from shim_framework import mounts
+
+    mount = mounts.containing(path)
+    return mount is not None and mount.fstype == "tmpfs"
 
 
 def _mount_test(td: Path) -> None:

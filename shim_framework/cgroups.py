@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from shim_framework import _platform as plat
 from shim_framework.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -1188,34 +1189,23 @@ class _Mounts:
     v1: Mapping[str, _Mount]  # controller or "name=..." -> its hierarchy
 
 
-_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040)."""
-    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
 @functools.cache
 def _mounts() -> _Mounts:
-    """The cgroup hierarchies mounted in our mount namespace, from /proc/self/mountinfo."""
+    """The cgroup hierarchies mounted in our mount namespace."""
     v2: _Mount | None = None
     v1: dict[str, _Mount] = {}
-    for line in (_read("/proc/self/mountinfo") or "").splitlines():
-        # id parent major:minor root mountpoint options [optional...] - fstype source superoptions
-        fields = line.split()
-        try:
-            separator = fields.index("-")
-        except ValueError:
+    try:
+        table = plat.mount_table()
+    except OSError:
+        table = []
+    for entry in table:
+        if entry.fstype not in ("cgroup", "cgroup2"):
             continue
-        fstype, options = fields[separator + 1], fields[separator + 3]
-        if fstype not in ("cgroup", "cgroup2"):
-            continue
-        mount = _Mount(point=_unescape(fields[4]), root=_unescape(fields[3]))
-        if fstype == "cgroup2":
+        mount = _Mount(point=entry.point, root=entry.root)
+        if entry.fstype == "cgroup2":
             v2 = v2 or mount
             continue
-        for option in options.split(","):
+        for option in entry.options.split(","):
             # superoptions name the controllers ("rw,cpu,cpuacct") or the named hierarchy
             if option not in ("rw", "ro") and ("=" not in option or option.startswith("name=")):
                 v1.setdefault(option, mount)

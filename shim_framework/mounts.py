@@ -147,6 +147,20 @@ def mount_all(mounts: Sequence[Mount], target: Path) -> None:
             raise _mount_error(number, len(mounts), m, exc) from exc
 
 
+def containing(path: str | Path) -> plat.MountEntry | None:
+    """The mount *path* is on: at the longest mount point above it, the top one of a stack."""
+    real = os.path.realpath(path)
+    found, depth = None, -1
+    for mount in plat.mount_table():
+        if _at_or_below(real, mount.point) and len(mount.point) >= depth:
+            found, depth = mount, len(mount.point)
+    return found
+
+
+def _at_or_below(path: str, point: str) -> bool:
+    return path == point or path.startswith(point.rstrip("/") + "/")
+
+
 def unmount_all(target: Path) -> None:
     """Unmount everything at or below *target*, deepest first; busy mounts lazily.
 
@@ -158,7 +172,7 @@ def unmount_all(target: Path) -> None:
     if root == "/":
         raise InvalidArgument("unmount_all of /: refusing to unmount the host's root")
     for _ in range(8):  # stacked mounts go one per call; rounds catch mounts made meanwhile
-        points = [p for p in plat.mount_points() if p == root or p.startswith(root + "/")]
+        points = [m.point for m in plat.mount_table() if _at_or_below(m.point, root)]
         if not points:
             return
         # Deepest first; of mounts stacked on one path the top one is listed last.

@@ -32,7 +32,7 @@ from daemon.driver import DriverOptions
 from daemon.model import Kind, Mount, Snapshot
 from shim_framework import _platform as plat
 from shim_framework.errors import FailedPrecondition, PolyshimError
-from shim_framework.mounts import mount_all, unmount_all
+from shim_framework.mounts import containing, mount_all, unmount_all
 from tests.harness.requirements import require_binary, require_root
 from tests.harness.snapshotd import (
     InProcessSnapshotd,
@@ -94,15 +94,10 @@ def allocated(path: Path) -> int:
 
 
 def fs_type_of(path: Path) -> str:
-    """The type of the filesystem *path* is on (longest matching mount point)."""
-    best, found = "", ""
-    real = os.path.realpath(path)
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        point = fields[4]
-        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-            best, found = point, fields[fields.index("-") + 1]
-    return found
+    """The type of the filesystem *path* is on."""
+    mount = containing(path)
+    assert mount is not None
+    return mount.fstype
 
 
 def snapshot_id(snapd: InProcessSnapshotd, key: str) -> int:

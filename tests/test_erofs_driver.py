@@ -82,14 +82,9 @@ def mounted(mounts: list[Mount], target: Path) -> Iterator[Path]:
 
 
 def fstype(path: Path) -> str | None:
-    """The filesystem type mounted exactly at *path*, if anything is."""
+    """The filesystem type mounted exactly at *path* (the top one), if anything is."""
     real = os.path.realpath(path)
-    found = None
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        if fields[4] == real:
-            found = fields[fields.index("-") + 1]
-    return found
+    return next((m.fstype for m in reversed(plat.mount_table()) if m.point == real), None)
 
 
 def upperdir(mounts: list[Mount]) -> Path:

@@ -15,13 +15,15 @@ import pytest
 from shim_framework import _platform as plat
 from shim_framework.backend import Mount
 from shim_framework.errors import InvalidArgument
-from shim_framework.mounts import mount_all, parse_options, unmount_all
+from shim_framework.mounts import containing, mount_all, parse_options, unmount_all
 from tests.harness.requirements import require_binary, require_root
 
 
 def mounts_below(path: Path) -> list[str]:
     root = os.path.realpath(path)
-    return [p for p in plat.mount_points() if p == root or p.startswith(root + "/")]
+    return [
+        m.point for m in plat.mount_table() if m.point == root or m.point.startswith(root + "/")
+    ]
 
 
 def loop_devices_of(image: Path) -> list[str]:
@@ -313,6 +315,25 @@ def test_unmount_all_handles_nested_and_stacked_mounts(rootfs: Path, tmp_path: P
     assert mounts_below(rootfs) == []
     unmount_all(rootfs)
     unmount_all(tmp_path / "does-not-exist")
+
+
+def test_containing_names_the_top_mount_at_the_longest_point(rootfs: Path, tmp_path: Path) -> None:
+    """With escapes in the path: mountinfo writes a space as \\040."""
+    outside = containing(tmp_path)
+    assert outside is not None and outside.fstype != "tmpfs"
+    spaced = rootfs / "a dir"
+    spaced.mkdir()
+    try:
+        plat.mount("tmpfs", str(spaced), "tmpfs", 0, "size=1m")
+        found = containing(spaced / "file")
+        assert found is not None and (found.point, found.fstype) == (str(spaced), "tmpfs")
+        source = tree(tmp_path / "src", {"x": ""})
+        plat.mount(str(source), str(spaced), "", plat.MS_BIND, "")  # stacked on the tmpfs
+        top = containing(spaced)
+        assert top is not None and top.fstype == outside.fstype and top.root.endswith("/src")
+    finally:
+        unmount_all(rootfs)
+    assert containing(spaced) == containing(tmp_path)
 
 
 def test_busy_mount_is_detached_lazily(rootfs: Path, tmp_path: Path) -> None:

@@ -1142,7 +1142,9 @@ def metadata_ids(root: Path, name: str) -> dict[int, str]:
 
 def mounts_below(path: Path) -> list[str]:
     real = os.path.realpath(path)
-    return [p for p in plat.mount_points() if p == real or p.startswith(real + "/")]
+    return [
+        m.point for m in plat.mount_table() if m.point == real or m.point.startswith(real + "/")
+    ]
 
 
 def test_only_creating_a_snapshot_skips_the_sync_at_commit(tmp_path: Path):

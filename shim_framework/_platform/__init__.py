@@ -7,7 +7,7 @@ the same core runs on both (as containerd splits `shim_linux.go` from
 - `set_child_subreaper()`: orphaned descendants are re-parented to us;
 - `set_cmdline(args)`: what `ps` shows for this process;
 - `mount(source, target, fstype, flags, data, cwd=None)`, `unmount(target, flags=0)`,
-  the flag constants `MS_*` and `MNT_DETACH`, and `mount_points()`;
+  the flag constants `MS_*` and `MNT_DETACH`, and `mount_table()` (`MountEntry`s);
 - `attach_loop(path, readonly, direct_io=False, autoclear=True)`, a context
   manager yielding a `/dev/loopN`, and `detach_loop(device)`.
 
@@ -20,6 +20,8 @@ rule: an option whose flag is unsupported is passed on as filesystem data).
 from __future__ import annotations
 
 import sys
+
+from shim_framework._platform.common import MountEntry
 
 if sys.platform.startswith("linux"):
     from shim_framework._platform.linux import (
@@ -46,7 +48,7 @@ if sys.platform.startswith("linux"):
         attach_loop,
         detach_loop,
         mount,
-        mount_points,
+        mount_table,
         set_child_subreaper,
         set_cmdline,
         unmount,
@@ -76,7 +78,7 @@ elif sys.platform.startswith("freebsd"):
         attach_loop,
         detach_loop,
         mount,
-        mount_points,
+        mount_table,
         set_child_subreaper,
         set_cmdline,
         unmount,
@@ -108,10 +110,11 @@ __all__ = [
     "MS_STRICTATIME",
     "MS_SYNCHRONOUS",
     "MS_UNBINDABLE",
+    "MountEntry",
     "attach_loop",
     "detach_loop",
     "mount",
-    "mount_points",
+    "mount_table",
     "set_child_subreaper",
     "set_cmdline",
     "unmount",

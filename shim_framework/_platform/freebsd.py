@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterator
 from typing import NoReturn
 
+from shim_framework._platform.common import MountEntry
 from shim_framework.errors import Unimplemented
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -166,8 +167,8 @@ def unmount(target: str, flags: int = 0) -> None:
     _check(_libc.unmount(os.fsencode(target), flags), f"unmount {target!r}")
 
 
-def mount_points() -> list[str]:
-    """Mount points, in getfsstat(2) order (the order they were mounted)."""
+def mount_table() -> list[MountEntry]:
+    """The mounts, in getfsstat(2) order (the order they were mounted)."""
     count = _libc.getfsstat(None, 0, MNT_NOWAIT)
     if count >= 0:
         buf = (_Statfs * (count + 16))()  # room for mounts made meanwhile
@@ -175,7 +176,10 @@ def mount_points() -> list[str]:
     if count < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"getfsstat: {os.strerror(err)}")
-    return [os.fsdecode(buf[i].f_mntonname) for i in range(count)]
+    return [
+        MountEntry(os.fsdecode(buf[i].f_mntonname), os.fsdecode(buf[i].f_fstypename), "/", "")
+        for i in range(count)
+    ]
 
 
 @contextlib.contextmanager

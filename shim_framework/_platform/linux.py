@@ -23,6 +23,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from shim_framework._platform.common import MountEntry
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [
     ctypes.c_char_p,
@@ -189,13 +191,22 @@ def unmount(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(os.fsencode(target), flags), f"unmount {target!r}")
 
 
-def mount_points() -> list[str]:
-    """Mount points of this mount namespace, in /proc/self/mountinfo order (parents first)."""
+def mount_table() -> list[MountEntry]:
+    """The mounts of this mount namespace, in /proc/self/mountinfo order (parents first)."""
     with open("/proc/self/mountinfo", "rb") as f:
         lines = f.read().splitlines()
-    # Field 5 is the mount point, with space, tab, newline and backslash as \ooo.
-    points = (line.split(b" ", 5)[4] for line in lines if line)
-    return [os.fsdecode(_unescape(p) if b"\\" in p else p) for p in points]
+    table = []
+    for line in lines:
+        # id parent major:minor root point options [optional...] - fstype source superoptions;
+        # space, tab, newline and backslash inside a field are written as \ooo
+        fields = [os.fsdecode(_unescape(f) if b"\\" in f else f) for f in line.split(b" ")]
+        try:
+            separator = fields.index("-", 6)
+        except ValueError:
+            continue
+        fstype, *rest = fields[separator + 1 :]
+        table.append(MountEntry(fields[4], fstype, fields[3], rest[1] if len(rest) > 1 else ""))
+    return table
 
 
 def _unescape(field: bytes) -> bytes:

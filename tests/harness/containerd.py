@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -25,6 +24,8 @@ from pathlib import Path
 from types import TracebackType
 
 import attrs
+
+from shim_framework import _platform as plat
 
 CACHE_DIR = Path(os.environ.get("POLYSHIM_CACHE", "/var/cache/polyshim"))
 
@@ -466,18 +467,9 @@ def _umount_lazy(path: str) -> None:
             raise OSError(err, f"umount2({path!r}, MNT_DETACH): {os.strerror(err)}")
 
 
-def _unescape_mountinfo(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def mounts() -> list[tuple[str, str]]:
-    """(mount point, fs type) of every mount in /proc/self/mountinfo, in table order."""
-    result = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        sep = fields.index("-")
-        result.append((_unescape_mountinfo(fields[4]), fields[sep + 1]))
-    return result
+    """(mount point, fs type) of every mount, in mount table order."""
+    return [(m.point, m.fstype) for m in plat.mount_table()]
 
 
 def _unmount_under(base: Path) -> None:
