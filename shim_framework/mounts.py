@@ -157,6 +157,13 @@ def containing(path: str | Path) -> plat.MountEntry | None:
     return found
 
 
+def points_below(path: str | Path) -> list[str]:
+    """Mount points at or below *path* (resolved), in mount table order: parents first, and
+    of mounts stacked on one point the top one last."""
+    real = os.path.realpath(path)
+    return [m.point for m in plat.mount_table() if _at_or_below(m.point, real)]
+
+
 def _at_or_below(path: str, point: str) -> bool:
     return path == point or path.startswith(point.rstrip("/") + "/")
 
@@ -172,7 +179,7 @@ def unmount_all(target: Path) -> None:
     if root == "/":
         raise InvalidArgument("unmount_all of /: refusing to unmount the host's root")
     for _ in range(8):  # stacked mounts go one per call; rounds catch mounts made meanwhile
-        points = [m.point for m in plat.mount_table() if _at_or_below(m.point, root)]
+        points = points_below(root)
         if not points:
             return
         # Deepest first; of mounts stacked on one path the top one is listed last.

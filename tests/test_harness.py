@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from shim_framework.mounts import points_below
 from tests.harness import (
     CtrError,
     File,
@@ -35,7 +36,6 @@ from tests.harness import (
     require_binary,
     require_root,
 )
-from tests.harness.containerd import mounts
 
 
 def task_status(ctrd: PrivateContainerd) -> dict[str, str]:
@@ -252,14 +252,14 @@ def test_cleanup_removes_everything(label: str, daemon: str, busybox_archive: Pa
         ctrd.ctr("run", "-d", "docker.io/library/busybox:latest", "left", "sleep", "300")
         pid = task_pid(ctrd, "left")
         assert ctrd.shim_pids()
-        assert any(mp.startswith(str(ctrd.dir) + "/") for mp, _ in mounts())
+        assert points_below(ctrd.dir)
         if daemon == "stopped":
             ctrd.stop()
             assert ctrd.shim_pids()
     assert not ctrd.dir.exists()
     assert ctrd.shim_pids() == []
     assert not Path(f"/proc/{pid}").exists()
-    assert not any(mp.startswith(str(ctrd.dir) + "/") for mp, _ in mounts())
+    assert not points_below(ctrd.dir)
     assert not (Path("/run/containerd/runc") / ctrd.namespace).exists()
 
 

@@ -15,15 +15,8 @@ import pytest
 from shim_framework import _platform as plat
 from shim_framework.backend import Mount
 from shim_framework.errors import InvalidArgument
-from shim_framework.mounts import containing, mount_all, parse_options, unmount_all
+from shim_framework.mounts import containing, mount_all, parse_options, points_below, unmount_all
 from tests.harness.requirements import require_binary, require_root
-
-
-def mounts_below(path: Path) -> list[str]:
-    root = os.path.realpath(path)
-    return [
-        m.point for m in plat.mount_table() if m.point == root or m.point.startswith(root + "/")
-    ]
 
 
 def loop_devices_of(image: Path) -> list[str]:
@@ -62,7 +55,7 @@ def rootfs(tmp_path: Path) -> Iterator[Path]:
     path.mkdir(parents=True)
     yield path
     unmount_all(tmp_path)
-    assert mounts_below(tmp_path) == []
+    assert points_below(tmp_path) == []
 
 
 # -- options --
@@ -116,7 +109,7 @@ def test_bind_mount_rw_and_ro(rootfs: Path, tmp_path: Path) -> None:
     (rootfs / "new").write_text("x")
     assert (src / "new").read_text() == "x"
     unmount_all(rootfs)
-    assert mounts_below(rootfs) == []
+    assert points_below(rootfs) == []
 
     mount_all([Mount("bind", str(src), options=("bind", "ro"))], rootfs)
     assert (rootfs / "hello").read_text() == "world"
@@ -219,7 +212,7 @@ def test_erofs_image_file_direct_and_with_loop(rootfs: Path, tmp_path: Path) -> 
     assert (rootfs / "etc/os-release").read_text() == "polyshim"
     assert len(loop_devices_of(image)) == 1
     unmount_all(rootfs)
-    assert mounts_below(rootfs) == []
+    assert points_below(rootfs) == []
     assert_loop_freed(image)
 
 
@@ -260,7 +253,7 @@ def test_mount_with_target_subpath(rootfs: Path, tmp_path: Path) -> None:
         rootfs,
     )
     assert (rootfs / "mnt/data/file").read_text() == "data"
-    assert set(mounts_below(rootfs)) == {str(rootfs), str(rootfs / "mnt/data")}
+    assert set(points_below(rootfs)) == {str(rootfs), str(rootfs / "mnt/data")}
 
 
 def test_target_symlink_cannot_leave_the_rootfs(rootfs: Path, tmp_path: Path) -> None:
@@ -277,7 +270,7 @@ def test_target_symlink_cannot_leave_the_rootfs(rootfs: Path, tmp_path: Path) ->
         rootfs,
     )
     assert (rootfs / "inside/file").read_text() == "data"
-    assert mounts_below(tmp_path / "inside") == []
+    assert points_below(tmp_path / "inside") == []
 
 
 def test_failure_in_second_mount_leaves_nothing_mounted(rootfs: Path, tmp_path: Path) -> None:
@@ -286,7 +279,7 @@ def test_failure_in_second_mount_leaves_nothing_mounted(rootfs: Path, tmp_path: 
     bad = Mount("overlay", "overlay", options=(f"lowerdir={tmp_path}/missing:{tmp_path}/gone",))
     with pytest.raises(InvalidArgument, match="rootfs mount 2 of 2 \\(overlay"):
         mount_all([Mount("bind", str(src), options=("rbind",)), bad], rootfs)
-    assert mounts_below(rootfs) == []
+    assert points_below(rootfs) == []
 
 
 def test_failed_loop_mount_frees_its_loop_device(rootfs: Path, tmp_path: Path) -> None:
@@ -295,7 +288,7 @@ def test_failed_loop_mount_frees_its_loop_device(rootfs: Path, tmp_path: Path) -
     image.write_bytes(b"\0" * (1 << 20))
     with pytest.raises(InvalidArgument, match="rootfs mount 1 of 1"):
         mount_all([Mount("ext4", str(image), options=("loop", "ro"))], rootfs)
-    assert mounts_below(rootfs) == []
+    assert points_below(rootfs) == []
     assert_loop_freed(image)
 
 
@@ -309,10 +302,10 @@ def test_unmount_all_handles_nested_and_stacked_mounts(rootfs: Path, tmp_path: P
     plat.mount(str(c), str(rootfs / "sub/deeper"), "", plat.MS_BIND, "")
     plat.mount(str(c), str(rootfs / "sub/deeper"), "", plat.MS_BIND, "")  # stacked
     plat.mount(str(a), str(rootfs), "", plat.MS_BIND, "")  # stacked on the root
-    assert len(mounts_below(rootfs)) == 5
+    assert len(points_below(rootfs)) == 5
 
     unmount_all(rootfs)
-    assert mounts_below(rootfs) == []
+    assert points_below(rootfs) == []
     unmount_all(rootfs)
     unmount_all(tmp_path / "does-not-exist")
 
@@ -343,7 +336,7 @@ def test_busy_mount_is_detached_lazily(rootfs: Path, tmp_path: Path) -> None:
     fd = os.open(rootfs / "held", os.O_RDONLY)
     try:
         unmount_all(rootfs)
-        assert mounts_below(rootfs) == []
+        assert points_below(rootfs) == []
         assert os.read(fd, 10) == b"open"  # the detached mount lives on for its user
     finally:
         os.close(fd)

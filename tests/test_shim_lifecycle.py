@@ -23,8 +23,8 @@ import pytest
 
 from shim_framework import template
 from shim_framework.api.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
+from shim_framework.mounts import points_below
 from tests.harness import PrivateContainerd
-from tests.harness.containerd import mounts
 from tests.harness.events import EventWatcher, Seen
 from tests.test_shim_ctr import run_with_tty, task_status, wait_for_status
 
@@ -116,11 +116,6 @@ def remove_container(ctrd: PrivateContainerd, cid: str) -> None:
 
 def bundle_dir(ctrd: PrivateContainerd, cid: str) -> Path:
     return ctrd.state / "io.containerd.runtime.v2.task" / ctrd.namespace / cid
-
-
-def mounted_under(path: Path) -> list[str]:
-    prefix = str(path).rstrip("/")
-    return [mp for mp, _ in mounts() if mp == prefix or mp.startswith(prefix + "/")]
 
 
 def cgroup_dir(pid: int, controller: str) -> Path:
@@ -496,7 +491,7 @@ def test_shim_dead_at_restart_is_cleaned_up(containerd: PrivateContainerd, busyb
     containerd.start()
     eventually(lambda: task_status(containerd, "c1") is None, "task c1 gone")
     eventually(lambda: not alive(init), f"init {init} gone")
-    eventually(lambda: not mounted_under(rootfs), f"{rootfs} unmounted")
+    eventually(lambda: not points_below(rootfs), f"{rootfs} unmounted")
     eventually(lambda: not any(path.exists() for path in cgroups), "the cgroups removed")
     containerd.ctr("container", "delete", "c1")
 
@@ -509,7 +504,7 @@ def test_killed_shim_leaves_nothing_behind(containerd: PrivateContainerd, busybo
     init = run_detached(containerd, busybox, "c1", "sh", "-c", "sleep 600 & wait")
     pids = eventually(lambda: task_ps(containerd, "c1"), "two processes", lambda p: len(p) == 2)
     rootfs = bundle_dir(containerd, "c1") / "rootfs"
-    assert mounted_under(rootfs), f"{rootfs} is not mounted while the task runs"
+    assert points_below(rootfs), f"{rootfs} is not mounted while the task runs"
     cgroups = [cgroup_dir(init, controller) for controller in ("memory", "pids", "freezer")]
     assert all(path.is_dir() for path in cgroups)
 
@@ -520,7 +515,7 @@ def test_killed_shim_leaves_nothing_behind(containerd: PrivateContainerd, busybo
     assert (exit_event.pid, exit_event.exit_status) == (init, 137)
     eventually(lambda: task_status(containerd, "c1") != "RUNNING", "task c1 no longer RUNNING")
     eventually(lambda: not any(alive(pid) for pid in pids), f"all of {sorted(pids)} gone")
-    eventually(lambda: not mounted_under(rootfs), f"{rootfs} unmounted")
+    eventually(lambda: not points_below(rootfs), f"{rootfs} unmounted")
     eventually(lambda: not any(path.exists() for path in cgroups), "the cgroups removed")
     remove_container(containerd, "c1")
     again = ctr_run_rm(containerd, busybox, "c1", "echo", "again")
@@ -584,7 +579,7 @@ def test_killed_pod_shim_cleans_up_every_task(containerd: PrivateContainerd, bus
         statuses = {cid: watcher.wait_for(exited(cid)).event.exit_status for cid in inits}
     assert statuses == {"p1": 137, "p2": 137}
     eventually(lambda: not any(alive(pid) for pid in inits.values()), "both inits gone")
-    eventually(lambda: not any(mounted_under(path) for path in rootfs), "rootfs unmounted")
+    eventually(lambda: not any(points_below(path) for path in rootfs), "rootfs unmounted")
     eventually(lambda: not any(path.exists() for path in cgroups), "the cgroups removed")
     for cid in inits:
         remove_container(containerd, cid)
@@ -598,7 +593,7 @@ def assert_nothing_left(ctrd: PrivateContainerd, cid: str) -> None:
     assert task_status(ctrd, cid) is None
     eventually(lambda: not ctrd.shim_pids(), "no shim process left")
     bundle = bundle_dir(ctrd, cid)
-    assert not mounted_under(bundle)
+    assert not points_below(bundle)
     eventually(lambda: not bundle.exists(), f"bundle {bundle} removed")
     assert not (Path("/run/containerd/runc") / ctrd.namespace / cid).exists()
 

@@ -71,7 +71,6 @@ from daemon.main import PAUSES_ENV
 from daemon.model import Info, Kind, Mount
 from daemon.overlay import OverlayDriver
 from daemon.store import Database
-from shim_framework import _platform as plat
 from shim_framework.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -81,7 +80,7 @@ from shim_framework.errors import (
     Unavailable,
     Unimplemented,
 )
-from shim_framework.mounts import mount_all, unmount_all
+from shim_framework.mounts import mount_all, points_below, unmount_all
 from tests.harness.requirements import require_root
 from tests.harness.snapshotd import (
     REPO,
@@ -1140,13 +1139,6 @@ def metadata_ids(root: Path, name: str) -> dict[int, str]:
         db.close()
 
 
-def mounts_below(path: Path) -> list[str]:
-    real = os.path.realpath(path)
-    return [
-        m.point for m in plat.mount_table() if m.point == real or m.point.startswith(real + "/")
-    ]
-
-
 def test_only_creating_a_snapshot_skips_the_sync_at_commit(tmp_path: Path):
     """Prepare/View commit without syncing the WAL; every other write syncs (see store.py's
     Durability), also on a pooled connection that ran a relaxed transaction before."""
@@ -1255,7 +1247,7 @@ def test_sigkill_during_commit_leaves_consistent_metadata(dut: DriverUnderTest):
         assert proc.stop() == 0, proc.log_tail()
         assert storage_on_disk(proc.root / name) == set(metadata_ids(proc.root, name))
         assert os.listdir(proc.root / name / "trash") == []
-        assert mounts_below(proc.root) == []
+        assert points_below(proc.root) == []
         print(f"crash seed {seed}: {outcomes.count('active')} rounds left the active, "
               f"{outcomes.count('committed')} the committed snapshot")  # fmt: skip
         assert set(outcomes) == {"active", "committed"}, f"seed {seed}: only {set(outcomes)}"

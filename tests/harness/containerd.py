@@ -26,6 +26,7 @@ from types import TracebackType
 import attrs
 
 from shim_framework import _platform as plat
+from shim_framework.mounts import points_below
 
 CACHE_DIR = Path(os.environ.get("POLYSHIM_CACHE", "/var/cache/polyshim"))
 
@@ -467,15 +468,9 @@ def _umount_lazy(path: str) -> None:
             raise OSError(err, f"umount2({path!r}, MNT_DETACH): {os.strerror(err)}")
 
 
-def mounts() -> list[tuple[str, str]]:
-    """(mount point, fs type) of every mount, in mount table order."""
-    return [(m.point, m.fstype) for m in plat.mount_table()]
-
-
 def _unmount_under(base: Path) -> None:
     """Lazily unmount every mount at or below ``base``, deepest (and newest) first."""
-    prefix = str(base).rstrip("/") + "/"
-    points = [mp for mp, _ in mounts() if mp == str(base) or mp.startswith(prefix)]
+    points = points_below(base)
     ordered = sorted(enumerate(points), key=lambda ip: (ip[1].count("/"), ip[0]), reverse=True)
     for _, mp in ordered:
         _umount_lazy(mp)
@@ -484,9 +479,9 @@ def _unmount_under(base: Path) -> None:
 def _remove_namespace_dirs(namespace: str) -> None:
     """Remove the empty per-namespace dirs runc leaves: its state root and parent cgroups."""
     candidates = [Path("/run/containerd/runc") / namespace]
-    for mp, fstype in mounts():
-        if fstype in ("cgroup", "cgroup2"):
-            candidates.append(Path(mp) / namespace)
+    for mount in plat.mount_table():
+        if mount.fstype in ("cgroup", "cgroup2"):
+            candidates.append(Path(mount.point) / namespace)
     for path in candidates:
         with contextlib.suppress(OSError):
             path.rmdir()
