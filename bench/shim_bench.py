@@ -12,7 +12,9 @@ machine state:
   every polyshim server shares its pages with (RSS counts those shared pages in
   every server again, PSS divides them among the sharers).
 Prints medians and the polyshim/runc-v2 ratios (targets: latency <= 1.10,
-per-pod RSS <= 1.0).
+per-pod RSS <= 1.0), and the RSS floor of any shim server in Python: a process
+holding only the interpreter, the stdlib a server uses and the task API's
+protobuf messages.
 """
 
 from __future__ import annotations
@@ -86,6 +88,26 @@ def pods_memory(ctrd: PrivateContainerd, image: str, runtime: str, pods: int, si
     return len(shims), rss, pss, helpers_pss
 
 
+# The least any shim server in Python needs: the interpreter, the stdlib a server uses and
+# the task API's messages; no ttrpc, task service, backend or attrs.
+FLOOR = (
+    "import logging, socket, sys, threading\n"
+    "from shim_framework.api.task.v2 import shim_pb2\n"
+    "sys.stdout.write('ready\\n'); sys.stdout.flush(); sys.stdin.read()\n"
+)
+
+
+def python_floor() -> int:
+    """RSS in bytes of a Python process holding only FLOOR's imports."""
+    repo = Path(__file__).resolve().parent.parent
+    with subprocess.Popen([sys.executable, "-c", FLOOR], cwd=repo, stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as floor:  # fmt: skip
+        assert floor.stdout is not None and floor.stdout.readline() == "ready\n"
+        rss, _ = memory_of([floor.pid])
+        floor.communicate("")
+    return rss
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=30)
@@ -130,6 +152,11 @@ def main() -> int:
         target = " (target <= 1.0)" if size > 1 else ""
         print(f"{pods} pod(s) of {size}: RSS ratio {ours[1] / theirs[1]:.2f}{target}, "
               f"PSS+ ratio {(ours[2] + ours[3]) / (theirs[2] + theirs[3]):.2f}")  # fmt: skip
+    floor, pod = python_floor(), memory[("runc-v2", 1, args.pod_size)][1]
+    print(
+        f"floor of a Python server (interpreter, stdlib, task API messages; no polyshim code): "
+        f"{floor / 2**20:.1f} MiB RSS, {floor / pod:.2f} x runc-v2's pod of {args.pod_size}"
+    )
     subprocess.run(["rm", "-rf", str(work)], check=False)
     return 0
 

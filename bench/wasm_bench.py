@@ -12,7 +12,9 @@ machine state:
   with the CPU time each task costs the machine, split into `ctr`, containerd
   and the rest (the runtime: shim, runc or wasm worker, and the kernel work
   they cause). With the CPU busy, tasks/s follows CPU per task, so the rest of
-  runc-v2 over ctr + containerd bounds the throughput ratio any shim can reach.
+  runc-v2 over ctr + containerd bounds the throughput ratio any shim can reach,
+  and half of runc-v2's total less wasm's ctr + containerd is what a 2x
+  throughput leaves the wasm runtime.
 The wasm runs are measured twice: cold (each container gets an empty compile
 cache, a `[backends.wasm] cache_dir` of its own through --runtime-config-path,
 so every worker compiles) and warm (one cache, filled beforehand).
@@ -78,7 +80,7 @@ class Bench:
     def __init__(self, ctrd: PrivateContainerd, work: Path, busybox: str, wasm: str) -> None:
         self.ctrd, self.work, self.busybox, self.wasm = ctrd, work, busybox, wasm
         self.warm_config = self._config("warm")
-        self._cold = 0
+        self.lost: dict[str, int] = {}  # runtime -> runs that exited 0 without their output
 
     def _config(self, name: str) -> Path:
         """A runtime config whose compile cache is a directory of its own, *name*."""
@@ -101,8 +103,10 @@ class Bench:
     def _run(self, runtime: str, image: str, cid: str, args: list[str], opts: list[str]) -> None:
         result = self.ctrd.ctr("run", "--rm", "--runtime", runtime, *opts, image, cid, *args,
                                check=False, timeout=120)  # fmt: skip
-        if result.returncode != 0 or "hello" not in result.stdout:
+        if result.returncode != 0:
             raise RuntimeError(f"{runtime} {cid}: exit {result.returncode}: {result.stderr}")
+        if "hello" not in result.stdout:  # seen once in ~1000 runs of runc-v2 under load
+            self.lost[runtime] = self.lost.get(runtime, 0) + 1
 
 
 def throughput(
@@ -230,7 +234,13 @@ def main() -> int:
     fixed = cpu["runc-v2"]["ctr"] + cpu["runc-v2"]["containerd"]
     print(f"a runtime costing no CPU at all would reach a throughput ratio of about "
           f"{sum(cpu['runc-v2'].values()) / fixed:.2f} (ctr + containerd stay)")  # fmt: skip
+    warm = cpu["wasm-warm"]
+    budget = sum(cpu["runc-v2"].values()) / 2 - warm["ctr"] - warm["containerd"]
+    print(f"2x leaves the wasm runtime {budget:.1f} ms per task (it takes {warm['rest']:.1f}); "
+          f"runc-v2's runtime takes {cpu['runc-v2']['rest']:.1f}")  # fmt: skip
 
+    for runtime, runs in bench.lost.items():
+        print(f"{runtime}: {runs} run(s) exited 0 but ctr printed no output")
     print("\nwhere a serial run's time goes (medians, ms):")
     print(f"  {'phase':42} " + " ".join(f"{name:>9}" for name in runners))
     names = ["until " + n for n, _ in MARKS] + ["ctr exits", *SHIM_FIGURES]
