@@ -19,6 +19,7 @@ import fcntl
 import os
 import random
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,8 @@ from collections.abc import Callable, Iterator
 from shim_framework._platform.common import MountEntry
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_FS_ENCODING = sys.getfilesystemencoding()
+_ESCAPED = re.compile(r"\\([0-7]{3})")
 _libc.mount.argtypes = [
     ctypes.c_char_p,
     ctypes.c_char_p,
@@ -194,23 +197,23 @@ def unmount(target: str, flags: int = 0) -> None:
 def mount_table() -> list[MountEntry]:
     """The mounts of this mount namespace, in /proc/self/mountinfo order (parents first)."""
     with open("/proc/self/mountinfo", "rb") as f:
-        lines = f.read().splitlines()
+        text = f.read().decode(_FS_ENCODING, "surrogateescape")
     table = []
-    for line in lines:
-        # id parent major:minor root point options [optional...] - fstype source superoptions;
-        # space, tab, newline and backslash inside a field are written as \ooo
-        fields = [os.fsdecode(_unescape(f) if b"\\" in f else f) for f in line.split(b" ")]
-        try:
-            separator = fields.index("-", 6)
-        except ValueError:
+    for line in text.splitlines():
+        # id parent major:minor root point options [optional...] - fstype source superoptions
+        head, separator, tail = line.partition(" - ")  # no field holds a raw space
+        if not separator:
             continue
-        fstype, *rest = fields[separator + 1 :]
-        table.append(MountEntry(fields[4], fstype, fields[3], rest[1] if len(rest) > 1 else ""))
+        root, point = head.split(" ", 5)[3:5]
+        fstype, _, options = [*tail.split(" ", 2), "", ""][:3]
+        entry = MountEntry(point, fstype, root, options)
+        table.append(MountEntry(*map(_unescape, entry)) if "\\" in line else entry)
     return table
 
 
-def _unescape(field: bytes) -> bytes:
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash inside a field as \\ooo."""
+    return _ESCAPED.sub(lambda m: chr(int(m[1], 8)), field)
 
 
 @contextlib.contextmanager
