@@ -214,9 +214,10 @@ class Snapshotter:
         return garbage
 
     def restore(self) -> dict[int, str]:
-        """Recreate the storage of active snapshots and views that lost it (a power loss
-        before anything synced it: see `Driver.sync`); return what stays lost (id -> key):
-        committed snapshots, and actives whose parent is lost. Runs at start-up."""
+        """Recreate the storage of active snapshots and views that a power loss took (their
+        rows were synced before Prepare/View replied, their storage is synced only at Commit:
+        see `Driver.sync`); return what stays lost (id -> key): committed snapshots, and
+        actives whose parent is lost. Runs at start-up."""
         lost = {}
         with self.store.transaction(write=True) as tx:
             on_disk = self.driver.storage_ids()
@@ -248,9 +249,7 @@ class Snapshotter:
         if parent:
             check_key(parent, "parent")
         check_labels(labels)
-        # Not durable at once: like its storage, a new snapshot is synced by the next Commit
-        # (losing it to a power loss leaves storage without a row, which Cleanup removes).
-        with self.store.transaction(write=True, durable=False) as tx:
+        with self.store.transaction(write=True) as tx:
             snap = tx.create_snapshot(kind, key, parent, labels)
             try:
                 self.driver.create(snap, labels)

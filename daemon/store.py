@@ -30,18 +30,16 @@ removing transaction committed, so storage without a row is garbage and
 actives and views whose storage was not synced yet get it back at start-up: see
 `Driver.sync`).
 
-Durability: each write transaction says whether it must survive a power loss
-the moment it commits (`synchronous=FULL`: the WAL is synced at COMMIT) or may
-wait for the next durable one (NORMAL: consistent after any crash, but a power
-loss can roll back the last such transactions). Only creating an active or a
-view is relaxed: its storage is not synced before Commit either (see
-`Driver.sync`), and losing the row as well leaves orphaned storage, which
-`Cleanup` removes, never a row without storage. The next durable commit syncs
-the WAL, relaxed transactions before it included. Commit, Remove, Update and
-Cleanup stay durable, because containerd records what we acknowledged: after a
-lost Commit its database would name a snapshot we no longer know, and after a
-lost Remove we would hold a row whose storage is already deleted. The relaxed
-sync is about half of a Prepare's time in the daemon.
+Durability: every write transaction is on disk before the reply to its API
+call (`synchronous=FULL`: the WAL is synced at COMMIT), as with containerd's
+own snapshotters (the bolt metastore of its overlay snapshotter syncs every
+Prepare too). containerd records durably what we acknowledged, Prepare and
+View included, so no write may be relaxed to NORMAL (consistent after a
+crash, but a power loss may roll back the last transactions): after a lost
+Prepare or Commit containerd's database would name a snapshot we no longer
+know, after a lost Remove we would hold a row whose storage is deleted. That
+fsync is about half of a Prepare's time in the daemon, and worth it. The
+storage of actives and views is synced only at Commit: see `Driver.sync`.
 """
 
 from __future__ import annotations
@@ -146,6 +144,7 @@ class Database:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                timeout=_BUSY_TIMEOUT)  # fmt: skip
         conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA synchronous=FULL")  # see the module's Durability
         return conn
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
@@ -158,7 +157,6 @@ class Database:
                 f"polyshim-snapshotd understands ({SCHEMA_VERSION}); run a newer version"
             )
         # Schema and version in one transaction (executescript would commit after each part).
-        conn.execute("PRAGMA synchronous=FULL")
         conn.execute("BEGIN IMMEDIATE")
         try:
             for statement in _SCHEMA:
@@ -203,20 +201,17 @@ class MetaStore:
         self.snapshotter = snapshotter
 
     @contextlib.contextmanager
-    def transaction(self, write: bool, durable: bool = True) -> Iterator[Transaction]:
+    def transaction(self, write: bool) -> Iterator[Transaction]:
         """One transaction: committed when the block ends normally, rolled back on any error.
 
         Write transactions run one at a time; read transactions see a
-        consistent snapshot and never wait for writers. *durable*: a write
-        survives a power loss once committed; False defers that to the next
-        durable commit (see the module's Durability)."""
+        consistent snapshot and never wait for writers. A write is on disk once the
+        block has ended (see the module's Durability)."""
         db = self.db
         conn = db._acquire()
         broken = False
         try:
             with db._write_lock if write else contextlib.nullcontext():
-                if write:  # a connection setting, and the pool hands connections around
-                    conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
                 conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 try:
                     yield Transaction(conn, self.snapshotter, write)

@@ -1139,22 +1139,6 @@ def metadata_ids(root: Path, name: str) -> dict[int, str]:
         db.close()
 
 
-def test_only_creating_a_snapshot_skips_the_sync_at_commit(tmp_path: Path):
-    """Prepare/View commit without syncing the WAL; every other write syncs (see store.py's
-    Durability), also on a pooled connection that ran a relaxed transaction before."""
-    db = Database(tmp_path / "metadata.db")
-    store = db.store("any")
-
-    def level(**kw: bool) -> int:
-        with store.transaction(write=True, **kw) as tx:
-            return tx._conn.execute("PRAGMA synchronous").fetchone()[0]
-
-    try:
-        assert [level(durable=False), level(), level(durable=False), level()] == [1, 2, 1, 2]
-    finally:
-        db.close()
-
-
 def test_sigkill_during_commit_leaves_consistent_metadata(dut: DriverUnderTest):
     """SIGKILL at random points of Commit: afterwards the key or the name exists, whole.
 
