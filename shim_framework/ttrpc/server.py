@@ -352,6 +352,7 @@ class _CallThreads:
                 call(*args)
             except Exception:  # _run_call answers its own errors; this is a bug
                 log.exception("ttrpc: a call thread caught what its call did not")
+            del call, args  # an idle thread must not keep the last request and connection alive
             with self._lock:
                 self._idle += 1
             try:
