@@ -15,6 +15,7 @@ template.py).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -89,14 +90,10 @@ class Registry:
         return self.load(name).probe(config)
 
 
-_read_once: dict[str, Entry] | None = None
-
-
+@functools.cache
 def _installed() -> dict[str, Entry]:
-    global _read_once
-    if _read_once is None:
-        _read_once = installed_entries(GROUP)
-    return dict(_read_once)
+    """This process's entry points, read once (shared by every Registry: none changes it)."""
+    return installed_entries(GROUP)
 
 
 def installed_entries(group: str, paths: list[str] | None = None) -> dict[str, Entry]:
