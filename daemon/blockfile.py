@@ -33,7 +33,7 @@ Lifecycle:
   with FailedPrecondition instead: replaying a mounted filesystem's journal
   would corrupt it. (The wait covers copies of the mount that a mount
   namespace made meanwhile keep alive for a moment after the unmount.)
-  Then fsync; the file stays where it is.
+  Then one fsync (measuring usage needs it first); the file stays where it is.
 - Remove: the image goes to the trash and is deleted.
 
 Copies. A scratch image is sparse: a 64 MiB filesystem occupies about
@@ -180,6 +180,11 @@ class BlockfileDriver(Driver):
         if snap.kind != Kind.ACTIVE:
             return Usage()
         return self._usage(snap)
+
+    def sync(self, sid: int) -> None:
+        # Only the directory entry: Commit calls this right after `convert`, whose `_usage`
+        # fsync'd the image already; a second fsync would cost another journal round.
+        fsync(self.snapshots_dir)
 
     # ------------------------------------------------------------------ helpers
 

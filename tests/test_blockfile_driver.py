@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import daemon.blockfile as blockfile
+import daemon.driver
 from daemon.blockfile import (
     DEFAULT_SIZE,
     BlockfileDriver,
@@ -255,6 +256,26 @@ def test_usage_counts_the_layers_own_data(sn: SnapshotClient, work: Path):
     assert sn.usage("top") == top
     sn.view("v", "top")
     assert sn.usage("v").size == 0
+
+
+def test_commit_fsyncs_the_image_once(
+    sn: SnapshotClient, snapd: InProcessSnapshotd, driver: BlockfileDriver,
+    monkeypatch: pytest.MonkeyPatch,
+):  # fmt: skip
+    """Commit syncs the image (measuring usage needs that anyway) and snapshots/, once each."""
+    sn.prepare("a", "")
+    image = driver.path(snapshot_id(snapd, "a"))
+    synced: list[str] = []
+    real = blockfile.fsync
+
+    def recording(path: Path | str) -> None:
+        synced.append(str(path))
+        real(path)
+
+    monkeypatch.setattr(blockfile, "fsync", recording)
+    monkeypatch.setattr(daemon.driver, "fsync", recording)  # Driver.sync's, if inherited
+    sn.commit("c", "a")
+    assert sorted(synced) == sorted([str(image), str(driver.snapshots_dir)])
 
 
 # ---------------------------------------------------------------------- journals
