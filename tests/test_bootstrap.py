@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from shim_framework import _platform as plat
 from shim_framework import bootstrap
 from shim_framework.bootstrap import Flags, UsageError, parse_flags
+from shim_framework.mounts import points_below, unmount_all
+from tests.harness.requirements import require_root
 
 
 def test_start_command_line_as_containerd_sends_it() -> None:
@@ -102,3 +105,19 @@ def test_bootstrap_params_are_told_from_an_options_any() -> None:
     long_id = parse_flags(["-namespace", "ns", "-id", "c" * 200, "start"])
     params = bootstrap_pb2.BootstrapParams(instance_id="c" * 200, namespace="ns", socket_dir="/t")
     assert bootstrap._bootstrap_socket_dir(params.SerializeToString(), long_id) == "/t"
+
+
+def test_delete_unmounts_a_rootfs_whose_path_mountinfo_escapes(tmp_path: Path) -> None:
+    """A space in the bundle path is \\040 in mountinfo; delete must still see the mount."""
+    require_root()
+    bundle = tmp_path / "a bundle"
+    rootfs = bundle / "rootfs"
+    rootfs.mkdir(parents=True)
+    plat.mount("tmpfs", str(rootfs), "tmpfs", 0, "size=1m")
+    try:
+        bootstrap.delete(
+            parse_flags(["-namespace", "ns", "-id", "c1", f"-bundle={bundle}", "delete"])
+        )
+        assert points_below(rootfs) == []
+    finally:
+        unmount_all(rootfs)
