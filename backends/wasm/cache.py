@@ -36,15 +36,16 @@ a temp file at worst (never read; the next writer with that pid and thread
 removes it).
 A failed write (disk full, read-only) only costs the next start a compile.
 
-Eviction: after a worker stores an artifact it trims the directory to
-`max_bytes` (the backend's `cache_max_bytes`): artifacts go least recently
-used first, never the one just stored, and temporaries older than
-STALE_TEMPORARY (their writer died) go too. A hit refreshes the entry's mtime
-when it is older than REFRESH_AFTER, so recency is exact to a day at the cost
-of one write per entry per day, not one per start. Removing an entry never
-disturbs a worker that has it open (its pages stay mapped); two shims
-trimming at once only find each other's victims gone. The stored image
-layers (`backends.wasm.oci`, in layers/) are not evicted: a running
+Eviction: after a worker stores an artifact (`Loaded.stored`) and has
+reported ready, it trims the directory to `max_bytes` (the backend's
+`cache_max_bytes`), off the create path: artifacts go least recently used
+first, never the one just stored, and temporaries older than STALE_TEMPORARY
+(their writer died) go too, also those in layers/. A hit refreshes the
+entry's mtime when it is older than REFRESH_AFTER, so recency is exact to a
+day at the cost of one write per entry per day, not one per start. Removing
+an entry never disturbs a worker that has it open (its pages stay mapped);
+two shims trimming at once only find each other's victims gone. The stored
+image layers (`backends.wasm.oci`, in layers/) are not evicted: a running
 container's exec may need its layer again.
 
 Engines compile with `parallel_compilation=False`: a worker is short-lived and
@@ -81,6 +82,7 @@ DEFAULT_DIR = "/var/lib/polyshim/wasm-cache"
 DEFAULT_MAX_BYTES = 1 << 30
 REFRESH_AFTER = 24 * 3600.0  # seconds
 STALE_TEMPORARY = 3600.0  # seconds; a writer compiles within setup_timeout (2 min by default)
+LAYER_DIR = "layers"  # in the cache directory: backends.wasm.oci's stored image layers
 # Every Config setting the backend makes; all of them are part of the key.
 ENGINE_SETTINGS: tuple[tuple[str, object], ...] = (
     ("strategy", "cranelift"),
@@ -146,18 +148,17 @@ class Loaded:
     seconds: float
     path: str
 
+    @property
+    def stored(self) -> bool:
+        """Whether *path* was just written: the directory may now be over its limit (`trim`)."""
+        return self.how in ("compiled", "recompiled")
+
 
 def load(
-    eng: Any,
-    kind: str,
-    wasm: bytes,
-    directory: str,
-    max_bytes: int,
-    name: str,
-    note: Callable[[str], None],
+    eng: Any, kind: str, wasm: bytes, directory: str, name: str, note: Callable[[str], None]
 ) -> Loaded:
-    """The compiled *wasm* from the cache in *directory*, else compiled and stored there
-    (and the directory trimmed to *max_bytes*).
+    """The compiled *wasm* from the cache in *directory*, else compiled and stored there;
+    the caller trims the directory when `Loaded.stored` (module docstring, "Eviction").
 
     *note* gets one line per problem with the cache (never fatal). InvalidArgument:
     *wasm* is not valid WebAssembly for this engine (*name* is the module's name)."""
@@ -183,39 +184,32 @@ def load(
     except OSError as e:
         note(f"wasm cache: cannot write {path}: {e.strerror}; the next start compiles again")
         how = "uncached"
-    else:
-        try:
-            removed = trim(directory, max_bytes, keep=path)
-        except OSError as e:
-            note(f"wasm cache: cannot trim {directory}: {e.strerror}")
-        else:
-            if removed:
-                note(f"wasm cache: over {max_bytes} bytes; removed {', '.join(removed)}")
     return Loaded(compiled, how, time.monotonic() - began, path)
 
 
 def trim(directory: str, max_bytes: int, keep: str = "") -> list[str]:
     """Remove artifacts, least recently used first, until the rest take at most *max_bytes*
-    (never *keep*), and stale temporaries; the names removed."""
+    (never *keep*), and stale temporaries, also those in LAYER_DIR; the names removed,
+    relative to *directory*."""
     artifacts = []
-    removed = []
+    stale = []
     now = time.time()
-    with os.scandir(directory) as entries:
-        for entry in entries:
+    for where in (directory, os.path.join(directory, LAYER_DIR)):
+        for entry in _listing(where):
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue  # gone meanwhile
             if not stat.S_ISREG(st.st_mode):
                 continue
-            if entry.name.endswith(SUFFIX) and not entry.name.startswith("."):
+            if where == directory and entry.name.endswith(SUFFIX):
                 artifacts.append((st.st_mtime, entry.path, st.st_size))
-            elif (
-                entry.name.endswith(".tmp")
-                and now - st.st_mtime > STALE_TEMPORARY
-                and _unlink(entry.path)
-            ):
-                removed.append(entry.name)
+            elif entry.name.endswith(".tmp") and now - st.st_mtime > STALE_TEMPORARY:
+                stale.append(entry.path)
+    removed = []
+    for path in stale:
+        if _unlink(path):
+            removed.append(os.path.relpath(path, directory))
     total = sum(size for _, _, size in artifacts)
     for _, path, size in sorted(artifacts):
         if total <= max_bytes:
@@ -225,6 +219,15 @@ def trim(directory: str, max_bytes: int, keep: str = "") -> list[str]:
                 removed.append(os.path.basename(path))
             total -= size
     return removed
+
+
+def _listing(directory: str) -> list[os.DirEntry[str]]:
+    """The entries of *directory*; none when it does not exist (yet)."""
+    try:
+        with os.scandir(directory) as entries:
+            return list(entries)
+    except FileNotFoundError:
+        return []
 
 
 def _unlink(path: str) -> bool:

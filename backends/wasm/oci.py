@@ -49,7 +49,8 @@ file is used again only after its digest is checked again (a bad one is
 fetched and written anew), so a later create of the same image reads the
 manifest from containerd but not the layer, and an exec asks containerd
 nothing. Nothing removes stored layers: like the compile cache, one file per
-distinct layer, kept after the container is deleted.
+distinct layer, kept after the container is deleted (the cache's `trim` sweeps
+only stale temporaries here).
 
 Where it works (measured with ctr, see tests/test_wasm_ctr.py):
 
@@ -114,7 +115,7 @@ MANIFEST_TYPES = frozenset(
     }
 )
 TITLE = "org.opencontainers.image.title"
-LAYER_DIR = "layers"  # in the backend's cache directory: the stored wasm layers
+LAYER_DIR = cache.LAYER_DIR  # in the backend's cache directory: the stored wasm layers
 NAMESPACE_HEADER = "containerd-namespace"
 CALL_TIMEOUT = 30.0  # seconds for each containerd call
 MAX_DOCUMENT = 4 << 20  # a manifest or index larger than this is not one

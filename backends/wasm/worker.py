@@ -25,7 +25,8 @@ cgroup); prepare — read the module (a file of the rootfs, or an image's wasm
 layer the backend stored and checked in its own directory: `Plan.layer`),
 load it through the compile cache, check the entry point, link WASI, build
 the store with its limits; report ok or the error (the backend's `create`
-raises it); wait for S; make 3-5 the guest's
+raises it); trim the compile cache if the module was just stored there (after
+the report: not on the create path); wait for S; make 3-5 the guest's
 stdio 0-2; apply rlimits and user; load the seccomp program (the backend
 compiled the profile to BPF); instantiate and run; exit with the status below.
 Instantiation waits for S, because it may run guest code (a start function).
@@ -157,6 +158,7 @@ class GuestExit(BaseException):
 class _Prepared:
     run: Any  # () -> int: instantiate and call the entry; the exit status
     loaded: str  # how the module was loaded, for the backend's log
+    stored: str | None  # the cache entry just written (then the cache is trimmed), else None
 
 
 def main(plan: Plan) -> int:
@@ -179,6 +181,8 @@ def main(plan: Plan) -> int:
         _read_control()
         return 1
     _report(f"ok\t{prepared.loaded}")
+    if prepared.stored is not None:  # ready first: trimming is not on the create path
+        _trim(plan, prepared.stored)
     if _read_control() != START:
         return 0  # deleted before it was started
     os.close(CONTROL_FD)
@@ -194,9 +198,7 @@ def _prepare(plan: Plan) -> _Prepared:
     began = time.monotonic()
     wasm = _read_module(plan)
     engine = cache.engine()
-    loaded = cache.load(
-        engine, plan.kind, wasm, plan.cache_dir, plan.cache_max_bytes, plan.name, _note
-    )
+    loaded = cache.load(engine, plan.kind, wasm, plan.cache_dir, plan.name, _note)
     store = wasmtime.Store(engine)
     wasi = wasmtime.WasiConfig()
     wasi.argv = list(plan.argv)
@@ -217,7 +219,18 @@ def _prepare(plan: Plan) -> _Prepared:
     how = f"{loaded.how} in {loaded.seconds * 1000:.1f} ms, ready in {took:.1f} ms"
     if limit is not None:
         how += f", guest memory limit {limit >> 20} MiB"
-    return _Prepared(run, how)
+    return _Prepared(run, how, loaded.path if loaded.stored else None)
+
+
+def _trim(plan: Plan, stored: str) -> None:
+    """Trim the compile cache after *stored* was added to it (cache module, "Eviction")."""
+    try:
+        removed = cache.trim(plan.cache_dir, plan.cache_max_bytes, keep=stored)
+    except OSError as e:
+        _note(f"wasm cache: cannot trim {plan.cache_dir}: {e.strerror}")
+    else:
+        if removed:
+            _note(f"wasm cache: removed {', '.join(removed)} (limit {plan.cache_max_bytes} bytes)")
 
 
 def _read_module(plan: Plan) -> bytes:
