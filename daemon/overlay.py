@@ -48,6 +48,8 @@ from pathlib import Path
 
 from daemon.driver import Driver, DriverOptions, Probe, disk_usage, host_lacks, make_dir
 from daemon.model import Kind, Mount, Snapshot, Usage
+from shim_framework import _platform as plat
+from shim_framework import mounts
 
 log = logging.getLogger("polyshim.snapshotd.overlay")
 
@@ -157,16 +159,12 @@ def needs_userxattr(root: Path) -> bool:
 
 def _on_tmpfs(path: Path) -> bool:
     """Whether *path* is on tmpfs (from the mount table; statfs's f_type is not in Python)."""
-    from shim_framework import mounts
-
     mount = mounts.containing(path)
     return mount is not None and mount.fstype == "tmpfs"
 
 
 def _mount_test(td: Path) -> None:
     """Mount a two-layer overlay with an upper in empty directory *td*, then unmount it."""
-    from shim_framework import _platform as plat
-
     for d in ("lower1", "lower2", "upper", "work", "merged"):
         (td / d).mkdir()
     data = f"lowerdir={td}/lower1:{td}/lower2,upperdir={td}/upper,workdir={td}/work"
