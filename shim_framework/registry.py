@@ -20,6 +20,7 @@ import importlib
 import os
 import sys
 import threading
+from collections.abc import Iterator
 
 import attrs
 
@@ -100,27 +101,45 @@ def installed_entries(group: str, paths: list[str] | None = None) -> dict[str, E
     """Entry points of *group* from `*.dist-info/entry_points.txt` on *paths* (sys.path)."""
     found: dict[str, Entry] = {}
     seen_dists: set[str] = set()
+    for directory, name in _distributions(paths):
+        dist = name.rsplit("-", 1)[0] if name.endswith(".dist-info") else name[:-9]
+        dist = dist.split("-")[0]
+        if dist.lower() in seen_dists:
+            continue  # shadowed by an earlier path entry
+        seen_dists.add(dist.lower())
+        try:
+            with open(os.path.join(directory, name, "entry_points.txt")) as f:
+                text = f.read()
+        except OSError:
+            continue
+        for key, value in _section(text, group):
+            found.setdefault(key, Entry(key, value, dist))
+    return found
+
+
+def distributions_stamp(paths: list[str] | None = None) -> str:
+    """Changes when what `installed_entries` reads may have: a distribution installed,
+    removed, upgraded, or its entry_points.txt rewritten."""
+    parts = []
+    for directory, name in _distributions(paths):
+        try:
+            mtime = os.stat(os.path.join(directory, name, "entry_points.txt")).st_mtime_ns
+        except OSError:
+            mtime = 0
+        parts.append(f"{directory}/{name}:{mtime}")
+    return "\n".join(parts)
+
+
+def _distributions(paths: list[str] | None) -> Iterator[tuple[str, str]]:
+    """(directory, name) of every *.dist-info and *.egg-info on *paths* (sys.path), in order."""
     for directory in paths if paths is not None else sys.path:
         try:
             names = sorted(os.listdir(directory or "."))
         except OSError:
             continue
         for name in names:
-            if not name.endswith((".dist-info", ".egg-info")):
-                continue
-            dist = name.rsplit("-", 1)[0] if name.endswith(".dist-info") else name[:-9]
-            dist = dist.split("-")[0]
-            if dist.lower() in seen_dists:
-                continue  # shadowed by an earlier path entry
-            seen_dists.add(dist.lower())
-            try:
-                with open(os.path.join(directory, name, "entry_points.txt")) as f:
-                    text = f.read()
-            except OSError:
-                continue
-            for key, value in _section(text, group):
-                found.setdefault(key, Entry(key, value, dist))
-    return found
+            if name.endswith((".dist-info", ".egg-info")):
+                yield directory, name
 
 
 def _section(text: str, group: str) -> list[tuple[str, str]]:

@@ -61,13 +61,11 @@ SERVER, RUN = "server", "run"  # the two kinds of request
 
 def _fingerprint() -> str:
     """Changes whenever the framework, polyshim's backends or the interpreter change, or a
-    distribution is installed or removed (a new backend's entry point: registry.py)."""
+    distribution's entry points may have (a new backend: registry.py)."""
+    from shim_framework import registry  # the warm-up imports it anyway
+
     digest = hashlib.sha256(sys.executable.encode())
-    for directory in sys.path:
-        try:
-            digest.update(f"{directory}:{os.stat(directory or '.').st_mtime_ns}".encode())
-        except OSError:
-            pass
+    digest.update(registry.distributions_stamp().encode())
     for top in (_package_dir(), os.path.join(os.path.dirname(_package_dir()), "backends")):
         for directory, dirs, files in os.walk(top):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__")
