@@ -507,18 +507,16 @@ class WasmBackend(Backend):
         args[0]'s file in the rootfs, else what *layer_of* (`oci.resolve`, `oci.reuse`)
         finds for args. InvalidArgument for what cannot work."""
         args = [str(a) for a in process.get("args") or []]
-        layer = None
         try:
-            module = _module(what, rootfs, args)
+            module, name, function = _module(what, rootfs, args)
         except InvalidArgument:  # no such file: the module may be a wasm layer of the image
             layer = layer_of(args)
             if layer is None:
                 raise
-        if layer is not None:
             module, name, kind = layer.path, layer.name, layer.kind
             function, argv = layer.function, layer.argv
         else:
-            name, _, function = args[0].partition("#")
+            layer = None
             argv = tuple(args)
             with open(module, "rb") as f:
                 kind = cache.kind_of(f.read(8))
@@ -666,15 +664,16 @@ def _rootfs(container: Container) -> str:
     return os.path.realpath(path)
 
 
-def _module(what: str, rootfs: str, args: list[str]) -> str:
-    """The host path of args[0]'s module, resolved inside the rootfs (`..` and absolute
-    symlinks stay in it); InvalidArgument when it is not a regular file there."""
+def _module(what: str, rootfs: str, args: list[str]) -> tuple[str, str, str]:
+    """(host path, name, function) of args[0] ("<name>#<function>"): the module's path
+    resolved inside the rootfs (`..` and absolute symlinks stay in it), and the function
+    ("" for the default entry); InvalidArgument when it is not a regular file there."""
     if not args or not args[0]:
         raise InvalidArgument(
             f"{what}: process.args is empty; args[0] must name the module to run "
             "(a .wasm file in the rootfs, optionally with #function)"
         )
-    name = args[0].partition("#")[0]
+    name, _, function = args[0].partition("#")
     try:
         path = resolve_in_root(Path(rootfs), name)
     except (NotFound, InvalidArgument) as e:
@@ -687,7 +686,7 @@ def _module(what: str, rootfs: str, args: list[str]) -> str:
         ) from None
     if not path.is_file():
         raise InvalidArgument(f"{what}: module {name}: not a regular file in the rootfs")
-    return str(path)
+    return str(path), name, function
 
 
 def _cgroup_path(configured: Any, namespace: str, container_id: str) -> str:
