@@ -294,15 +294,9 @@ def _write_layout(
     and an index naming it *name*; the manifest's index entry gets *platform* when given."""
     dest = Path(dest)
     blobs = dict(blobs)
-    digest = _sha256(manifest_bytes)
-    blobs[digest] = manifest_bytes
     tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else "latest"
-    entry: dict[str, Any] = {
-        "mediaType": MEDIA_MANIFEST,
-        "digest": digest,
-        "size": len(manifest_bytes),
-        "annotations": {ANNOTATION_IMAGE_NAME: name, ANNOTATION_REF_NAME: tag},
-    }
+    annotations = {ANNOTATION_IMAGE_NAME: name, ANNOTATION_REF_NAME: tag}
+    entry = _add_blob(blobs, MEDIA_MANIFEST, manifest_bytes, annotations=annotations)
     if platform is not None:
         entry["platform"] = platform
     index = {"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": [entry]}
