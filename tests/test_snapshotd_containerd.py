@@ -35,7 +35,7 @@ from tests.harness import (
     image_name,
 )
 from tests.harness.requirements import require, require_root
-from tests.harness.snapshotd import SnapshotdProcess, remove_tree, short_tempdir
+from tests.harness.snapshotd import SnapshotClient, SnapshotdProcess, remove_tree, short_tempdir
 
 pytestmark = pytest.mark.integration
 
@@ -159,6 +159,36 @@ def backend_storage(snapshotd: SnapshotdProcess, snapshotter: str) -> list[str]:
     )
 
 
+def leftovers(
+    ctrd: PrivateContainerd, snapshotd: SnapshotdProcess, snapshotter: str, backend: SnapshotClient
+) -> list[str]:
+    """Everything of an image that containerd and the daemon still hold: containerd's
+    snapshots and content, the backend's snapshots, storage on disk."""
+    left = []
+    listed = ctrd.ctr("snapshots", "--snapshotter", snapshotter, "ls").stdout
+    left += [f"containerd snapshot {line}" for line in listed.splitlines()[1:]]
+    left += [f"content {c}" for c in ctrd.ctr("content", "ls", "-q").stdout.split()]
+    left += [f"backend snapshot {i.name}" for i in backend.list()]
+    left += [f"on disk {p}" for p in backend_storage(snapshotd, snapshotter)]
+    return left
+
+
+def remove_image(
+    ctrd: PrivateContainerd, snapshotd: SnapshotdProcess, snapshotter: str, image: str
+) -> None:
+    """`ctr images rm` *image*, then wait up to 60 s for containerd's GC to leave no
+    `leftovers` (it runs asynchronously; --sync waits for one pass only)."""
+    ctrd.ctr("images", "rm", "--sync", image)
+    backend = snapshotd.client(snapshotter)
+    try:
+        deadline = time.monotonic() + 60
+        while left := leftovers(ctrd, snapshotd, snapshotter, backend):
+            assert time.monotonic() < deadline, f"still there 60 s after `ctr images rm`: {left}"
+            time.sleep(0.2)
+    finally:
+        backend.close()
+
+
 def test_container_sees_the_merged_layers(
     ctrd: PrivateContainerd, snapshotd: SnapshotdProcess, snapshotter: str, layered_archive: Path
 ):
@@ -188,22 +218,8 @@ def test_image_removal_frees_backend_storage(
     assert run(ctrd, snapshotter, image, "gc", "cat /data/kept") == "kept\n"
     backend = snapshotd.client(snapshotter)
     assert backend.list()
-    ctrd.ctr("images", "rm", "--sync", image)
-
-    def leftovers() -> list[str]:
-        left = []
-        listed = ctrd.ctr("snapshots", "--snapshotter", snapshotter, "ls").stdout
-        left += [f"containerd snapshot {line}" for line in listed.splitlines()[1:]]
-        left += [f"content {c}" for c in ctrd.ctr("content", "ls", "-q").stdout.split()]
-        left += [f"backend snapshot {i.name}" for i in backend.list()]
-        left += [f"on disk {p}" for p in backend_storage(snapshotd, snapshotter)]
-        return left
-
-    deadline = time.monotonic() + 60
-    while left := leftovers():  # GC runs asynchronously; --sync waits for one pass only
-        assert time.monotonic() < deadline, f"still there 60 s after `ctr images rm`: {left}"
-        time.sleep(0.2)
     backend.close()
+    remove_image(ctrd, snapshotd, snapshotter, image)
 
 
 def test_images_survive_a_daemon_restart(
@@ -246,13 +262,7 @@ def test_a_daemon_killed_in_a_commit_leaves_containerd_working(
     image = import_layered(ctrd, snapshotter, layered_archive)
     assert run(ctrd, snapshotter, image, "after-kill", "cat /data/l3") == "third\n"
 
-    ctrd.ctr("images", "rm", "--sync", image)
-    backend = snapshotd.client(snapshotter)
-    deadline = time.monotonic() + 60
-    while left := [i.name for i in backend.list()] + backend_storage(snapshotd, snapshotter):
-        assert time.monotonic() < deadline, f"left behind after the image went: {left}"
-        time.sleep(0.2)
-    backend.close()
+    remove_image(ctrd, snapshotd, snapshotter, image)
 
 
 def test_config_is_accepted_by_containerd(ctrd: PrivateContainerd, snapshotter: str):
