@@ -254,12 +254,11 @@ class Transaction:
 
         NotFound: no *key*. FailedPrecondition: *key* is committed."""
         row = self._get(key)
-        kind = Kind(row[1])
-        if kind not in (Kind.ACTIVE, Kind.VIEW):
+        if row[1] not in (Kind.ACTIVE, Kind.VIEW):
             raise FailedPrecondition(
                 f'snapshot "{key}" is committed; only active snapshots and views have mounts'
             )
-        return Snapshot(row[0], kind, self._chain(row[2]))
+        return self._snapshot(row)
 
     def get_usage(self, key: str) -> Usage | Snapshot:
         """Committed *key*'s recorded usage, else the active snapshot or view *key* (whose
@@ -267,7 +266,7 @@ class Transaction:
         row = self._get(key)
         if row[1] == Kind.COMMITTED:
             return Usage(row[5] or 0, row[6] or 0)
-        return Snapshot(row[0], Kind(row[1]), self._chain(row[2]))
+        return self._snapshot(row)
 
     def infos(self) -> list[Info]:
         """Every snapshot of this snapshotter, ordered by key."""
@@ -440,6 +439,10 @@ class Transaction:
         if row is None:
             raise NotFound(f'snapshot "{key}": not found')
         return row
+
+    def _snapshot(self, row: tuple) -> Snapshot:
+        """The Snapshot of `_find` row *row*, parent chain included."""
+        return Snapshot(row[0], Kind(row[1]), self._chain(row[2]))
 
     def _info(self, key: str, row: tuple | None) -> Info:
         assert row is not None
