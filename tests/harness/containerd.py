@@ -9,8 +9,6 @@ share state. Stopping it leaves shims running (containerd shims outlive the daem
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import secrets
 import shutil
@@ -26,7 +24,7 @@ from types import TracebackType
 import attrs
 
 from shim_framework import _platform as plat
-from shim_framework.mounts import points_below
+from shim_framework.mounts import unmount_all
 
 CACHE_DIR = Path(os.environ.get("POLYSHIM_CACHE", "/var/cache/polyshim"))
 
@@ -393,7 +391,7 @@ disabled_plugins = [{disabled}]
             self.stop()
             self._kill_leftover_shims()
             self._delete_runc_leftovers()
-            _unmount_under(self.dir)
+            unmount_all(self.dir)
             _remove_namespace_dirs(self.namespace)
         finally:
             self._cleaned = True
@@ -450,30 +448,6 @@ disabled_plugins = [{disabled}]
                 capture_output=True,
                 timeout=30,
             )
-
-
-# ---------------------------------------------------------------------- mount helpers
-
-_MNT_DETACH = 2
-_libc: ctypes.CDLL | None = None
-
-
-def _umount_lazy(path: str) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if _libc.umount2(path.encode(), _MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        if err not in (22, 2):  # EINVAL: not a mount point (any more); ENOENT: gone
-            raise OSError(err, f"umount2({path!r}, MNT_DETACH): {os.strerror(err)}")
-
-
-def _unmount_under(base: Path) -> None:
-    """Lazily unmount every mount at or below ``base``, deepest (and newest) first."""
-    points = points_below(base)
-    ordered = sorted(enumerate(points), key=lambda ip: (ip[1].count("/"), ip[0]), reverse=True)
-    for _, mp in ordered:
-        _umount_lazy(mp)
 
 
 def _remove_namespace_dirs(namespace: str) -> None:
