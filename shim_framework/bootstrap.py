@@ -342,6 +342,7 @@ def _first_field_is(data: bytes, text: str) -> bool:
 
 STATE_FILE = "polyshim.json"  # what the `delete` action needs after the shim is gone
 DELETED_FILE = "polyshim.deleted"  # the shim deleted the task: holds the init's pid
+KILLED_STATUS = 128 + 9  # the exit status delete reports, as containerd's runc shim does
 
 
 def mark_deleted(bundle: str, pid: int) -> None:
@@ -402,7 +403,7 @@ def delete(flags: Flags) -> bytes:
         from shim_framework import mounts
 
         mounts.unmount_all(Path(rootfs))
-    return delete_response(pid, 128 + 9, time.time_ns())
+    return delete_response(pid, KILLED_STATUS, time.time_ns())
 
 
 def _backend_cleanup(bundle: str, flags: Flags, state: dict) -> None:

@@ -12,6 +12,9 @@
  * Built by `polyshim install-launcher`, which defines:
  *   POLYSHIM_PYTHON    the interpreter polyshim is installed for
  *   POLYSHIM_TEMPLATE  that installation's template socket
+ *   POLYSHIM_DELETED_FILE, POLYSHIM_KILLED_STATUS, POLYSHIM_VALUE_FLAGS
+ *                      bootstrap's DELETED_FILE, KILLED_STATUS and _VALUE_FLAGS, so the
+ *                      native delete cannot drift from the Python one
  *
  * The request, NUL-separated: "run", cwd, argc, argv[1..], environ...; with
  * fds 0, 1 and 2 attached (SCM_RIGHTS). The answer: "+" once the template
@@ -35,14 +38,13 @@
 #include <time.h>
 #include <unistd.h>
 
-#if !defined(POLYSHIM_PYTHON) || !defined(POLYSHIM_TEMPLATE)
-#error "build with polyshim install-launcher (it defines POLYSHIM_PYTHON and POLYSHIM_TEMPLATE)"
+#if !defined(POLYSHIM_PYTHON) || !defined(POLYSHIM_TEMPLATE) || !defined(POLYSHIM_DELETED_FILE) \
+    || !defined(POLYSHIM_KILLED_STATUS) || !defined(POLYSHIM_VALUE_FLAGS)
+#error "build with polyshim install-launcher (it defines the POLYSHIM_* macros)"
 #endif
 
 #define NAME "containerd-shim-polyshim-v2"
 #define REQUEST_MAX (1 << 20) /* the template refuses more */
-#define DELETED_FILE "polyshim.deleted" /* bootstrap.DELETED_FILE: holds the init's pid */
-#define KILLED_STATUS (128 + 9)         /* what bootstrap.delete reports */
 
 extern char **environ;
 
@@ -170,9 +172,7 @@ static ssize_t read_answer(int fd, char *answer, size_t size) {
 }
 
 /* bootstrap._VALUE_FLAGS, and the boolean flag a delete may carry. */
-static const char *const VALUE_FLAGS[] = {
-    "namespace", "address", "publish-binary", "id", "bundle", "socket", "debug-socket", NULL,
-};
+static const char *const VALUE_FLAGS[] = {POLYSHIM_VALUE_FLAGS, NULL};
 static const char *const BOOL_FLAGS[] = {"debug", NULL};
 
 static int is_flag(const char *name, size_t len, const char *const *flags) {
@@ -272,7 +272,7 @@ static void answer_delete(int argc, char **argv) {
             return;
         bundle = cwd;
     }
-    if ((size_t)snprintf(path, sizeof path, "%s/" DELETED_FILE, bundle) >= sizeof path)
+    if ((size_t)snprintf(path, sizeof path, "%s/" POLYSHIM_DELETED_FILE, bundle) >= sizeof path)
         return;
     FILE *f = fopen(path, "re");
     if (f == NULL)
@@ -298,7 +298,7 @@ static void answer_delete(int argc, char **argv) {
     size_t stamp_len = put_field(stamp, 1, (uint64_t)now.tv_sec);
     stamp_len += put_field(stamp + stamp_len, 2, (uint64_t)now.tv_nsec);
     size_t len = put_field(response, 1, (uint64_t)pid);
-    len += put_field(response + len, 2, KILLED_STATUS);
+    len += put_field(response + len, 2, POLYSHIM_KILLED_STATUS);
     len += put_varint(response + len, 3 << 3 | 2);
     len += put_varint(response + len, stamp_len);
     memcpy(response + len, stamp, stamp_len);

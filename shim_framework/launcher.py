@@ -19,7 +19,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from shim_framework import template
+from shim_framework import bootstrap, template
 from shim_framework.bootstrap import SHIM_BINARY
 from shim_framework.errors import PolyshimError
 
@@ -46,6 +46,9 @@ def build(output: Path, python: str | None = None, template_socket: str | None =
         *compiler, "-O2", "-Wall", "-Werror", "-o", str(output), str(SOURCE),
         f"-DPOLYSHIM_PYTHON={_c_string(python)}",
         f"-DPOLYSHIM_TEMPLATE={_c_string(template_socket)}",
+        f"-DPOLYSHIM_DELETED_FILE={_c_string(bootstrap.DELETED_FILE)}",
+        f"-DPOLYSHIM_KILLED_STATUS={bootstrap.KILLED_STATUS}",
+        f"-DPOLYSHIM_VALUE_FLAGS={', '.join(map(_c_string, bootstrap._VALUE_FLAGS))}",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
